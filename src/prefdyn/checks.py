@@ -1,0 +1,130 @@
+"""Verification records: every chapter ends in a table of claims checked against measurements.
+
+A :class:`Check` states a claim, what the theory predicts, what was measured and the tolerance
+fixed *before* the run; ``passed`` is computed here from those numbers, never set by hand, so a
+check can always fail. :class:`Verification` collects a chapter's checks, renders the table, glues
+it (and figures) into the book with myst-nb, saves the JSON next to the executed notebook, and
+finally raises if any check failed, which fails the notebook and so CI.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .store import atomic_write_json
+
+
+class VerificationFailed(AssertionError):
+    """Raised at the end of a chapter when at least one check failed."""
+
+
+@dataclass(frozen=True)
+class Check:
+    claim: str
+    predicted: Any
+    observed: Any
+    tolerance: str
+    passed: bool
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x == 0 or math.isnan(x) or math.isinf(x):
+            return str(x)
+        return f"{x:.3g}" if (abs(x) < 1e-3 or abs(x) >= 1e4) else f"{x:.4f}".rstrip("0").rstrip(".")
+    return str(x)
+
+
+class Verification:
+    """The checks of one chapter, in the order they were made."""
+
+    def __init__(self, chapter: str):
+        self.chapter = chapter
+        self.checks: list[Check] = []
+
+    def _add(self, claim: str, predicted: Any, observed: Any, tolerance: str, passed: bool) -> Check:
+        check = Check(claim, predicted, observed, tolerance, bool(passed))
+        self.checks.append(check)
+        return check
+
+    def close(self, claim: str, predicted: float, observed: float, atol: float) -> Check:
+        """Pass iff ``|observed - predicted| <= atol`` (NaN never passes)."""
+        predicted, observed = float(predicted), float(observed)
+        return self._add(claim, predicted, observed, f"|obs - pred| <= {_fmt(float(atol))}",
+                         abs(observed - predicted) <= atol)
+
+    def at_least(self, claim: str, observed: float, bound: float, predicted: Any = None) -> Check:
+        """Pass iff ``observed >= bound``; ``predicted`` describes the theory's statement."""
+        observed = float(observed)
+        return self._add(claim, f">= {_fmt(float(bound))}" if predicted is None else predicted,
+                         observed, f"observed >= {_fmt(float(bound))}", observed >= bound)
+
+    def above(self, claim: str, observed: float, bound: float, predicted: Any = None) -> Check:
+        """Pass iff ``observed > bound`` (strictly)."""
+        observed = float(observed)
+        return self._add(claim, f"> {_fmt(float(bound))}" if predicted is None else predicted,
+                         observed, f"observed > {_fmt(float(bound))}", observed > bound)
+
+    def at_most(self, claim: str, observed: float, bound: float, predicted: Any = None) -> Check:
+        """Pass iff ``observed <= bound``."""
+        observed = float(observed)
+        return self._add(claim, f"<= {_fmt(float(bound))}" if predicted is None else predicted,
+                         observed, f"observed <= {_fmt(float(bound))}", observed <= bound)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def table(self) -> str:
+        """The verification table as Markdown (MyST renders it in the book)."""
+        rows = ["| # | claim | theory predicts | measured | tolerance | result |",
+                "|---|---|---|---|---|---|"]
+        for i, c in enumerate(self.checks, 1):
+            result = "✅ pass" if c.passed else "❌ **FAIL**"
+            cells = [str(i), c.claim, _fmt(c.predicted), _fmt(c.observed), c.tolerance, result]
+            rows.append("| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |")
+        return "\n".join(rows)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(c) for c in self.checks]
+
+    def finish(self, checks_path: str | os.PathLike | None, glue_name: str = "verification") -> None:
+        """Glue the table, save the checks JSON atomically, then fail if any check failed."""
+        if not self.checks:
+            raise VerificationFailed(f"{self.chapter}: no checks were made")
+        glue_markdown(glue_name, self.table())
+        if checks_path:
+            atomic_write_json(checks_path, self.to_json())
+        failed = [c.claim for c in self.checks if not c.passed]
+        if failed:
+            raise VerificationFailed(f"{self.chapter}: {len(failed)} check(s) failed: " + "; ".join(failed))
+
+
+def glue_markdown(name: str, text: str) -> None:
+    """Make Markdown text available to the book as ``{glue:md}`name```."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(name, Markdown(text), display=False)
+
+
+def glue_figure(name: str, fig) -> None:
+    """Make a matplotlib figure available to the book as ``{glue:figure} name``."""
+    import matplotlib.pyplot as plt
+    from myst_nb import glue
+
+    glue(name, fig, display=False)
+    plt.close(fig)
+
+
+def glue_value(name: str, value: Any) -> None:
+    """Make a number or short text available as ``{glue:text}`name```."""
+    from myst_nb import glue
+
+    glue(name, value, display=False)

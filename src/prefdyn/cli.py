@@ -1,0 +1,78 @@
+"""``prefdyn``: list, run and check the book's chapters, and build the book.
+
+    prefdyn list                                   one chapter id per line
+    prefdyn run <id> --scale ci [--device cpu] [-p NAME VALUE ...] [--force]
+    prefdyn all --scale ci [--device cpu] [--force]   every chapter, then a summary
+    prefdyn book                                   HTML from the executed notebooks
+    prefdyn checks                                 the last checks of every chapter
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import pipeline
+from .params import SCALES
+
+
+def _run(chapters: list[str], args) -> int:
+    parameters = {name: pipeline.parse_value(value) for name, value in (args.param or [])}
+    ok = True
+    for chapter in chapters:
+        print(f"[prefdyn] {chapter}: running at scale={args.scale} ...", flush=True)
+        try:
+            result = pipeline.run_chapter(chapter, args.scale, args.device, parameters, force=args.force)
+        except pipeline.ChapterError as exc:
+            print(f"[prefdyn] error: {exc}", file=sys.stderr)
+            return 2
+        passed = sum(c["passed"] for c in result.checks)
+        print(f"[prefdyn] {chapter}: {result.status} in {result.seconds:.0f} s, "
+              f"{passed}/{len(result.checks)} checks passed", flush=True)
+        if result.error:
+            print(f"[prefdyn] {chapter} failed: {result.error}\n"
+                  f"          the failed notebook is {pipeline.paths(chapter)['failed']}", file=sys.stderr)
+        ok &= result.ok
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefdyn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print one chapter id per line")
+    for name in ("run", "all"):
+        p = sub.add_parser(name, help="execute one chapter" if name == "run" else "execute every chapter")
+        if name == "run":
+            p.add_argument("chapter")
+        p.add_argument("--scale", choices=SCALES, default="ci")
+        p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the chapter's own)")
+        p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                       help="a papermill parameter; VALUE is parsed as JSON when it can be")
+        p.add_argument("--force", action="store_true", help="execute even if the cache says nothing changed")
+    sub.add_parser("book", help="build the HTML book from the executed chapters")
+    sub.add_parser("checks", help="print the last verification results of every chapter")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        print("\n".join(pipeline.chapter_ids()))
+        return 0
+    if args.command == "run":
+        return _run([args.chapter], args)
+    if args.command == "all":
+        status = _run(pipeline.chapter_ids(), args)
+        print(pipeline.summary())
+        return status
+    if args.command == "book":
+        try:
+            index = pipeline.build_book()
+        except pipeline.ChapterError as exc:
+            print(f"[prefdyn] error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[prefdyn] the book is at {index}")
+        print(pipeline.summary())
+        return 0
+    if args.command == "checks":
+        print(pipeline.summary())
+        return 0 if all(pipeline.load_checks(c) and all(x["passed"] for x in pipeline.load_checks(c))
+                        for c in pipeline.chapter_ids()) else 1
+    return 2

@@ -1,0 +1,358 @@
+"""Learning dynamics of DPO on the last layer: preference distinguishability and its consequences.
+
+The setting of Im & Li (ICML 2024), "Understanding the Learning Dynamics of Alignment with Human
+Feedback", arXiv:2403.18742, in the form their released code trains (``last_layer_training.py``):
+
+* a frozen feature map ``g(x)`` in R^d (the last prompt token's final hidden state, after the
+  final norm) and a trainable unembedding ``W`` in R^{V x d}: ``pi_W(y|x) = softmax(W g(x))_y``;
+* single-token answers ``y in {Yes, No}``; ``s(x) = +1`` when the preferred answer is Yes and
+  ``-1`` when it is No; the reference is the initial head, ``W_0 = W_ref``.
+
+Because the softmax normaliser cancels in a log-ratio, ``log pi(Yes|x) - log pi(No|x) = u^T W g(x)``
+with ``u = e_Yes - e_No`` (``u^T u = 2``), and the DPO margin is
+
+    h_W(x) = beta * s(x) * u^T (W - W_ref) g(x).
+
+The gradient of ``-log sigma(h)`` is rank one, ``-beta sigma(-h) s u g^T``, so every gradient step
+moves only the Yes and No rows, in opposite directions, and ``W_t - W_0 = u v_t^T`` with
+
+    v_{t+1} = v_t + lr * beta * mean_{x in batch} sigma(-h_t(x)) s(x) g(x),   h_t = 2 beta s v_t^T g.
+
+Everything below is a pure function of tensors. The equations are this module's reconstruction of
+the paper's Theorems 4.1-4.3 in that model (the paper's own constants are not reproduced); the
+chapter ``ch02-dpo-dynamics`` derives each one. All functions work in the dtype they are given
+(the chapter's exact checks use float64).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: ``u^T u`` for ``u = e_Yes - e_No``: the factor 2 in ``h = 2 beta s v^T g``.
+U_NORM_SQ = 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributional quantities of a behaviour
+# --------------------------------------------------------------------------------------------------
+
+def _signs(s) -> Tensor:
+    s = torch.as_tensor(s)
+    if not bool(((s == 1) | (s == -1)).all()):
+        raise ValueError("s must contain only +1 (preferred answer Yes) and -1 (preferred answer No)")
+    return s
+
+
+def preference_gap(features: Tensor, s) -> Tensor:
+    """``Delta = mu^+ - mu^-``: mean feature of the prompts whose preferred answer is Yes minus the
+    mean feature of those whose preferred answer is No (the quantity whose norm Im & Li call
+    *preference distinguishability*; their ``embedding_properties.ipynb`` computes it this way)."""
+    s = _signs(s)
+    if not (s == 1).any() or not (s == -1).any():
+        raise ValueError("a behaviour needs prompts of both classes (s=+1 and s=-1) to define Delta")
+    return features[s == 1].mean(0) - features[s == -1].mean(0)
+
+
+def distinguishability(features: Tensor, s) -> float:
+    """Preference distinguishability ``||mu^+ - mu^-||_2`` (Euclidean, no normalisation)."""
+    return preference_gap(features, s).norm().item()
+
+
+def signed_mean(features: Tensor, s) -> Tensor:
+    """``m = mean_x s(x) g(x)``, the direction of the first DPO step.
+
+    With class fraction ``p = P(s=+1)``, ``m = p mu^+ - (1-p) mu^-``; for balanced classes
+    ``m = Delta / 2``."""
+    s = _signs(s).to(features.dtype)
+    return (s[:, None] * features).mean(0)
+
+
+def concentration(features: Tensor, s) -> tuple[float, float]:
+    """``(kappa, tau)``: the larger operator norm and the larger trace of the two class covariances
+    (the "Concentration" and "Trace" of the authors' ``embedding_properties.ipynb``)."""
+    s = _signs(s)
+    kappas, traces = [], []
+    for sign in (1, -1):
+        x = features[s == sign]
+        cov = torch.cov(x.T) if len(x) > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
+        kappas.append(torch.linalg.matrix_norm(cov, ord=2).item())
+        traces.append(torch.trace(cov).item())
+    return max(kappas), max(traces)
+
+
+# --------------------------------------------------------------------------------------------------
+# Last-layer DPO: the rank-one dynamics
+# --------------------------------------------------------------------------------------------------
+
+def margins(v: Tensor, features: Tensor, s, beta: float) -> Tensor:
+    """DPO reward margins ``h(x) = beta s(x) u^T (W - W_ref) g(x) = 2 beta s(x) v^T g(x)``."""
+    return U_NORM_SQ * beta * _signs(s).to(features.dtype) * (features @ v)
+
+
+def dpo_losses(v: Tensor, features: Tensor, s, beta: float) -> Tensor:
+    """Per-example DPO loss ``-log sigma(h(x))`` of the head ``W_ref + u v^T``."""
+    return -F.logsigmoid(margins(v, features, s, beta))
+
+
+def dpo_step(v: Tensor, features: Tensor, s, beta: float, lr: float) -> Tensor:
+    """One gradient step on the mean DPO loss over ``features``:
+    ``v + lr beta mean sigma(-h) s g`` (the rank-one lemma)."""
+    h = margins(v, features, s, beta)
+    weight = torch.sigmoid(-h) * _signs(s).to(features.dtype)
+    return v + lr * beta * (weight[:, None] * features).mean(0)
+
+
+@dataclass
+class Trajectory:
+    """The run of :func:`last_layer_dpo`. Arrays are indexed ``[t]`` (``t = 0..steps``) and, for
+    per-group quantities, ``[t, k]`` with ``k`` the group (behaviour) index.
+
+    ``weight_change[t] = ||W_t - W_0||_F = ||W_t - W_0||_op = sqrt(2) ||v_t||``;
+    ``loss``: mean DPO loss; ``margin``: mean reward margin; ``reward_accuracy``: fraction with
+    ``h > 0``; ``policy_accuracy``: fraction with ``log pi_t(y_w) > log pi_t(y_l)``, i.e.
+    ``s (ref_logodds + 2 v^T g) > 0`` (needs the reference log-odds ``u^T W_ref g``)."""
+
+    v: Tensor
+    weight_change: np.ndarray
+    loss: np.ndarray
+    margin: np.ndarray
+    reward_accuracy: np.ndarray
+    policy_accuracy: np.ndarray | None
+    groups: list
+
+
+def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, groups=None,
+                   ref_logodds: Tensor | None = None, batch_size: int | None = None,
+                   seed: int = 0) -> Trajectory:
+    """Train ``v`` (the head ``W_ref + u v^T``) by SGD on the DPO loss over fixed features.
+
+    ``batch_size=None`` is full-batch gradient descent (the setting of the exact theorems); else a
+    seeded permutation is cut into batches, epoch after epoch. ``groups`` (one label per example,
+    e.g. the behaviour) makes every logged quantity per group as well; the groups are listed in
+    order of first appearance. Training is joint over all examples in every case."""
+    s = _signs(s)
+    n, d = features.shape
+    labels = list(groups) if groups is not None else ["all"] * n
+    names = list(dict.fromkeys(labels))
+    index = {name: torch.tensor([i for i, g in enumerate(labels) if g == name]) for name in names}
+    v = torch.zeros(d, dtype=features.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    vs, loss, margin, racc, pacc = [], [], [], [], []
+    sf = s.to(features.dtype)
+    for t in range(steps + 1):
+        h = margins(v, features, s, beta)
+        ell = -F.logsigmoid(h)
+        vs.append(v.clone())
+        loss.append([ell[index[k]].mean().item() for k in names])
+        margin.append([h[index[k]].mean().item() for k in names])
+        racc.append([(h[index[k]] > 0).double().mean().item() for k in names])
+        if ref_logodds is not None:
+            correct = sf * (ref_logodds.to(features.dtype) + U_NORM_SQ * (features @ v)) > 0
+            pacc.append([correct[index[k]].double().mean().item() for k in names])
+        if t == steps:
+            break
+        if batch_size is None:
+            v = dpo_step(v, features, s, beta, lr)
+        else:
+            if len(order) < batch_size:
+                order += torch.randperm(n, generator=gen).tolist()
+            batch, order = order[:batch_size], order[batch_size:]
+            v = dpo_step(v, features[batch], s[batch], beta, lr)
+    V = torch.stack(vs)
+    return Trajectory(v=V, weight_change=(math.sqrt(U_NORM_SQ) * V.norm(dim=1)).numpy(),
+                      loss=np.array(loss), margin=np.array(margin), reward_accuracy=np.array(racc),
+                      policy_accuracy=np.array(pacc) if ref_logodds is not None else None, groups=names)
+
+
+def explicit_softmax_dpo(W0: Tensor, features: Tensor, chosen: Tensor, rejected: Tensor, *, beta: float,
+                         lr: float, steps: int) -> list[Tensor]:
+    """Full-batch gradient descent on the DPO loss of a whole unembedding ``W`` (V x d) with an
+    explicit softmax over all ``V`` tokens, by autograd; returns ``[W_0, W_1, ..., W_steps]``.
+
+    An independent computation of the dynamics: nothing here assumes that the normaliser cancels
+    or that the update is rank one."""
+    W = W0.clone().requires_grad_(True)
+    ref = torch.log_softmax(features @ W0.T, -1).detach()
+    out = [W0.clone()]
+    rows = torch.arange(len(features))
+    for _ in range(steps):
+        logp = torch.log_softmax(features @ W.T, -1)
+        h = beta * ((logp[rows, chosen] - ref[rows, chosen]) - (logp[rows, rejected] - ref[rows, rejected]))
+        loss = -F.logsigmoid(h).mean()
+        (grad,) = torch.autograd.grad(loss, W)
+        with torch.no_grad():
+            W -= lr * grad
+        out.append(W.detach().clone())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# What the theorems predict
+# --------------------------------------------------------------------------------------------------
+
+def first_step_v(features: Tensor, s, beta: float, lr: float) -> Tensor:
+    """Theorem 4.1 (step 1, full batch): ``v_1 = (lr beta / 2) m`` with ``m = mean s g``,
+    ``= (lr beta / 4) Delta`` for balanced classes, because ``sigma(h_0) = sigma(0) = 1/2``."""
+    return 0.5 * lr * beta * signed_mean(features, s)
+
+
+def first_step_weight_change(delta_norm, beta: float, lr: float):
+    """Theorem 4.1: ``||W_1 - W_0||_F = ||W_1 - W_0||_op = sqrt(2) lr beta ||Delta|| / 4`` (balanced
+    classes, full batch): linear in the distinguishability."""
+    return math.sqrt(U_NORM_SQ) * lr * beta * np.asarray(delta_norm) / 4
+
+
+def weight_change_bound(t, beta: float, lr: float, feature_norm: float):
+    """Theorem 4.1: ``||W_t - W_0||_F <= sqrt(2) lr beta t G`` for every ``t``, where ``G`` bounds the
+    mean feature norm of every batch (``max ||g||`` for any batch; ``mean ||g||`` for full batch),
+    because each step adds ``lr beta mean sigma(-h) s g`` with ``0 < sigma < 1``."""
+    return math.sqrt(U_NORM_SQ) * lr * beta * np.asarray(t, dtype=float) * feature_norm
+
+
+def first_order_loss_drop(m_norm_sq, beta: float, lr: float):
+    """Theorem 4.1: the first full-batch step lowers the mean DPO loss by ``lr beta^2 ||m||^2 / 2`` to
+    first order (``= lr beta^2 ||Delta||^2 / 8`` for balanced classes). Exactly, by convexity of
+    ``softplus`` (tangent line below, curvature at most 1/4), the true drop ``D`` satisfies
+    ``first_order - E[h_1^2]/8 <= D <= first_order``; see :func:`loss_drop_bounds`."""
+    return lr * beta**2 * np.asarray(m_norm_sq) / 2
+
+
+def loss_drop_bounds(features: Tensor, s, beta: float, lr: float) -> tuple[float, float]:
+    """``(lower, upper)`` bounds on the exact first-step loss drop ``log 2 - L(v_1)``:
+    ``upper = lr beta^2 ||m||^2 / 2`` (tangent line of the convex ``-log sigma`` at 0) and
+    ``lower = upper - E[h_1^2] / 8`` (``-log sigma(h) <= log 2 - h/2 + h^2/8``)."""
+    v1 = first_step_v(features, s, beta, lr)
+    upper = first_order_loss_drop(signed_mean(features, s).pow(2).sum().item(), beta, lr)
+    h1 = margins(v1, features, s, beta)
+    return float(upper - h1.pow(2).mean().item() / 8), float(upper)
+
+
+def joint_first_step_gains(features: Tensor, s, groups, beta: float, lr: float) -> dict:
+    """Theorem 4.3 (joint training, step 1, full batch): the mean margin of group ``k`` rises by
+    exactly ``lr beta^2 <m_bar, m_k>``, with ``m_k`` the group's signed mean and ``m_bar`` the signed
+    mean over all examples (``= sum_k (n_k/n) m_k``). Returns ``{group: predicted gain}``."""
+    labels = list(groups)
+    m_bar = signed_mean(features, s)
+    sign = _signs(s)
+    out = {}
+    for name in dict.fromkeys(labels):
+        idx = torch.tensor([i for i, g in enumerate(labels) if g == name])
+        out[name] = lr * beta**2 * torch.dot(m_bar, signed_mean(features[idx], sign[idx])).item()
+    return out
+
+
+def priority_gap(delta_i: Tensor, delta_j: Tensor) -> tuple[float, float]:
+    """Theorem 4.3 identity for two equally sized balanced behaviours: with ``b = (Delta_i+Delta_j)/2``,
+    ``<b, Delta_i> - <b, Delta_j> = (||Delta_i||^2 - ||Delta_j||^2) / 2``.
+    Returns ``(left side, right side)`` computed separately."""
+    b = (delta_i + delta_j) / 2
+    return (torch.dot(b, delta_i) - torch.dot(b, delta_j)).item(), \
+        ((delta_i.pow(2).sum() - delta_j.pow(2).sum()) / 2).item()
+
+
+def priority_level(delta_i: Tensor, delta_j: Tensor) -> float:
+    """The authors' priority level (``priority_levels.ipynb``): ``(p_i - p_j) / max(||Delta_i||, ||Delta_j||)``
+    with ``p_k = <b, Delta_k> / ||b||``, ``b = (Delta_i + Delta_j)/2``; by :func:`priority_gap` it equals
+    ``(||Delta_i||^2 - ||Delta_j||^2) / (2 ||b|| max(||Delta_i||, ||Delta_j||))``."""
+    b = (delta_i + delta_j) / 2
+    p_i, p_j = torch.dot(b, delta_i) / b.norm(), torch.dot(b, delta_j) / b.norm()
+    return ((p_i - p_j) / torch.maximum(delta_i.norm(), delta_j.norm())).item()
+
+
+def gaussian_reward_accuracy(delta_norm, sigma: float, offset: float = 0.0):
+    """Theorem 4.2, Gaussian case: the classifier ``sign(s <Delta, g>)`` (the reward classifier of the
+    first DPO step) on ``g ~ N(c + s Delta/2, sigma^2 I)`` with ``<c, Delta/||Delta||> = offset`` is right
+    with probability ``[Phi((||Delta||/2 + offset)/sigma) + Phi((||Delta||/2 - offset)/sigma)] / 2``,
+    which is ``Phi(||Delta|| / (2 sigma))`` when the common mean is orthogonal to ``Delta``."""
+    from scipy.stats import norm
+
+    d = np.asarray(delta_norm, dtype=float) / 2
+    return (norm.cdf((d + offset) / sigma) + norm.cdf((d - offset) / sigma)) / 2
+
+
+def subexponential_accuracy_bound(delta_norm, K: float, alpha: float):
+    """Theorem 4.2, alpha-subexponential case: if the noise of the projection on ``Delta/||Delta||`` obeys
+    ``P(|xi| >= t) <= 2 exp(-(t/K)^alpha)`` and the common mean is orthogonal to ``Delta``, the reward
+    classifier is right with probability at least ``1 - 2 exp(-(||Delta|| / (2K))^alpha)`` (clipped at 0)."""
+    return np.clip(1 - 2 * np.exp(-(np.asarray(delta_norm, dtype=float) / (2 * K)) ** alpha), 0.0, 1.0)
+
+
+def population_loss_curve(delta_norm: float, sigma: float, beta: float, lr: float, steps: int,
+                          n_quad: int = 80) -> np.ndarray:
+    """The population loss curve of full-batch last-layer DPO on ``g ~ N(s Delta/2, sigma^2 I)``.
+
+    By symmetry ``v_t = a_t Delta/||Delta||`` with ``a_{t+1} = a_t + lr beta E[sigma(-2 beta a_t z) z]``,
+    ``z ~ N(||Delta||/2, sigma^2)``, and the loss is ``E[softplus(-2 beta a_t z)]``; the expectations
+    are Gauss-Hermite quadratures. Returns the loss at ``t = 0..steps``."""
+    x, w = np.polynomial.hermite_e.hermegauss(n_quad)
+    w = w / w.sum()
+    z = delta_norm / 2 + sigma * x
+    a, out = 0.0, []
+    for t in range(steps + 1):
+        h = U_NORM_SQ * beta * a * z
+        out.append(float(np.sum(w * np.logaddexp(0.0, -h))))
+        a = a + lr * beta * float(np.sum(w * z / (1 + np.exp(h))))
+    return np.array(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic behaviours
+# --------------------------------------------------------------------------------------------------
+
+def synthetic_behaviours(delta_norms, *, n_per_class: int, d: int, sigma: float = 1.0, common: float = 0.0,
+                         noise: str = "gaussian", directions: Tensor | None = None, seed: int = 0,
+                         dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, list[int]]:
+    """Features of ``K = len(delta_norms)`` behaviours with known distinguishability.
+
+    Behaviour ``k`` has ``mu_k^± = c ± ||Delta_k|| e_k / 2`` where ``e_k`` is the ``k``-th coordinate axis
+    (or the ``k``-th row of ``directions``, unit vectors) and ``c = common * e_{d-1}`` is a mean shared
+    by all prompts, orthogonal to every ``e_k``. The noise is i.i.d. per coordinate with standard
+    deviation ``sigma``: ``"gaussian"`` (alpha = 2) or ``"laplace"`` (alpha = 1, heavy-tailed). Returns
+    ``(features (2 K n, d), s, behaviour index per row)``, the classes exactly balanced."""
+    K = len(delta_norms)
+    if directions is None:
+        if K >= d:
+            raise ValueError(f"need d > K so that each behaviour gets its own axis (K={K}, d={d})")
+        directions = torch.eye(d, dtype=dtype)[:K]
+    gen = torch.Generator().manual_seed(seed)
+    feats, signs, groups = [], [], []
+    c = torch.zeros(d, dtype=dtype)
+    c[d - 1] = common
+    for k, norm in enumerate(delta_norms):
+        for sign in (1, -1):
+            mean = c + sign * float(norm) / 2 * directions[k].to(dtype)
+            if noise == "gaussian":
+                eps = torch.randn(n_per_class, d, generator=gen, dtype=dtype) * sigma
+            elif noise == "laplace":
+                u = torch.rand(n_per_class, d, generator=gen, dtype=dtype).clamp(1e-12, 1 - 1e-12) - 0.5
+                eps = -(sigma / math.sqrt(2)) * torch.sign(u) * torch.log1p(-2 * u.abs())
+            else:
+                raise ValueError(f"noise={noise!r} is not 'gaussian' or 'laplace'")
+            feats.append(mean + eps)
+            signs += [sign] * n_per_class
+            groups += [k] * n_per_class
+    return torch.cat(feats), torch.tensor(signs), groups
+
+
+def tail_constant(noise: str, sigma: float) -> tuple[float, float]:
+    """``(K, alpha)`` with ``P(|xi| >= t) <= 2 exp(-(t/K)^alpha)`` for one noise coordinate of
+    :func:`synthetic_behaviours`: Gaussian ``(sqrt(2) sigma, 2)`` (Chernoff), Laplace with scale
+    ``b = sigma/sqrt(2)``: ``(b, 1)`` (its two-sided tail is exactly ``exp(-t/b)``)."""
+    if noise == "gaussian":
+        return math.sqrt(2) * sigma, 2.0
+    if noise == "laplace":
+        return sigma / math.sqrt(2), 1.0
+    raise ValueError(f"noise={noise!r} is not 'gaussian' or 'laplace'")
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(x, float), np.asarray(y, float)).statistic)

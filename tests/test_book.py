@@ -1,0 +1,68 @@
+"""Every chapter executed through papermill at scale=smoke, then the book built from them.
+
+The chapters run in a copy of the book's folder, so the results of `make book` are untouched.
+"""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from bs4 import BeautifulSoup
+
+from prefdyn import pipeline
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted(p.stem for p in (REPO / "chapters").glob("*.md"))
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    top = tmp_path_factory.mktemp("book")
+    shutil.copytree(REPO / "chapters", top / "chapters")
+    shutil.copytree(REPO / "book", top / "book", ignore=shutil.ignore_patterns("_build", "_executed"))
+    shutil.copy(REPO / "_config.yml", top / "_config.yml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFDYN_ROOT", str(top))
+        results = {c: pipeline.run_chapter(c, "smoke", "cpu") for c in CHAPTERS}
+        html = pipeline.build_book() if all(r.status != "failed" for r in results.values()) else None
+        yield top, results, html
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_executes_at_smoke_scale_and_passes_its_checks(book, chapter):
+    top, results, _ = book
+    result = results[chapter]
+    assert result.status == "executed", result.error
+    saved = json.loads((top / "book" / "_executed" / f"{chapter}.checks.json").read_text())
+    assert saved == result.checks and len(saved) >= 3
+    assert all(set(c) == {"claim", "predicted", "observed", "tolerance", "passed"} for c in saved)
+    assert all(c["passed"] for c in saved), [c for c in saved if not c["passed"]]
+
+
+def test_second_run_is_served_from_the_cache(book):
+    top, _, _ = book
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFDYN_ROOT", str(top))
+        again = pipeline.run_chapter(CHAPTERS[0], "smoke", "cpu")
+    assert again.status == "cached" and again.checks
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_built_page_has_figures_table_and_no_errors(book, chapter):
+    top, _, html = book
+    assert html is not None and html.is_file()
+    page = top / "book" / "_build" / "html" / "book" / "_executed" / f"{chapter}.html"
+    soup = BeautifulSoup(page.read_text(), "html.parser")
+    images = [img["src"] for img in soup.select("main img")]
+    assert images, "no figures on the page"
+    for src in images:
+        assert (page.parent / src).resolve().is_file(), f"missing figure {src}"
+    assert not soup.select(".output.error, .output.traceback"), "an error output is shown"
+    assert "Traceback" not in soup.get_text()
+    tables = [t for t in soup.select("table") if "tolerance" in t.get_text()]
+    assert tables, "no verification table"
+    rows = tables[-1].select("tbody tr")
+    assert rows and all("pass" in r.get_text() for r in rows)
+    assert not re.search(r"FAIL", tables[-1].get_text())

@@ -1,0 +1,202 @@
+"""The formulas of prefdyn.dynamics against independent computations (autograd on an explicit
+softmax, brute force, closed forms, Monte Carlo). All float64 and fast."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefdyn import dynamics as dyn
+
+YES, NO = 2, 5
+
+
+def small_world(n=24, d=6, V=8, seed=0, balanced=True):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.7
+    s = torch.tensor([1, -1] * (n // 2)) if balanced else torch.tensor([1] * (2 * n // 3) + [-1] * (n - 2 * n // 3))
+    feats = feats + 0.8 * s[:, None].double() * torch.linspace(1, 0.2, d, dtype=torch.float64)
+    W0 = torch.randn(V, d, generator=g, dtype=torch.float64)
+    return feats, s, W0
+
+
+def chosen_rejected(s):
+    chosen = torch.where(s == 1, YES, NO)
+    rejected = torch.where(s == 1, NO, YES)
+    return chosen, rejected
+
+
+def u_vector(V):
+    u = torch.zeros(V, dtype=torch.float64)
+    u[YES], u[NO] = 1.0, -1.0
+    return u
+
+
+def test_rank_one_dynamics_match_autograd_on_explicit_softmax():
+    feats, s, W0 = small_world()
+    beta, lr, steps = 0.7, 0.9, 6
+    Ws = dyn.explicit_softmax_dpo(W0, feats, *chosen_rejected(s), beta=beta, lr=lr, steps=steps)
+    traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=steps)
+    u = u_vector(W0.shape[0])
+    for t in range(steps + 1):
+        assert torch.allclose(Ws[t] - W0, torch.outer(u, traj.v[t]), atol=1e-12, rtol=0)
+        assert math.isclose(traj.weight_change[t], (Ws[t] - W0).norm().item(), rel_tol=1e-10, abs_tol=1e-14)
+        assert math.isclose(traj.weight_change[t], torch.linalg.matrix_norm(Ws[t] - W0, ord=2).item(),
+                            rel_tol=1e-9, abs_tol=1e-14)
+    assert traj.v[-1].norm() > 0
+
+
+def test_margins_and_losses_equal_explicit_log_softmax():
+    feats, s, W0 = small_world(seed=1)
+    v = torch.randn(feats.shape[1], dtype=torch.float64)
+    W = W0 + torch.outer(u_vector(W0.shape[0]), v)
+    beta = 0.3
+    chosen, rejected = chosen_rejected(s)
+    rows = torch.arange(len(s))
+    lp, lr_ = torch.log_softmax(feats @ W.T, -1), torch.log_softmax(feats @ W0.T, -1)
+    h = beta * (lp[rows, chosen] - lr_[rows, chosen] - lp[rows, rejected] + lr_[rows, rejected])
+    assert torch.allclose(dyn.margins(v, feats, s, beta), h, atol=1e-12)
+    assert torch.allclose(dyn.dpo_losses(v, feats, s, beta), -F.logsigmoid(h), atol=1e-12)
+
+
+def test_policy_accuracy_uses_reference_log_odds():
+    feats, s, W0 = small_world(seed=2)
+    ref = feats @ (W0[YES] - W0[NO])
+    traj = dyn.last_layer_dpo(feats, s, beta=0.5, lr=2.0, steps=3, ref_logodds=ref)
+    Ws = dyn.explicit_softmax_dpo(W0, feats, *chosen_rejected(s), beta=0.5, lr=2.0, steps=3)
+    chosen, rejected = chosen_rejected(s)
+    rows = torch.arange(len(s))
+    for t in range(4):
+        lp = torch.log_softmax(feats @ Ws[t].T, -1)
+        acc = (lp[rows, chosen] > lp[rows, rejected]).double().mean().item()
+        assert traj.policy_accuracy[t, 0] == pytest.approx(acc, abs=1e-12)
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_first_step_update(balanced):
+    feats, s, _ = small_world(n=30, seed=3, balanced=balanced)
+    beta, lr = 0.4, 0.25
+    traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=1)
+    p = (s == 1).double().mean()
+    brute = 0.5 * lr * beta * (p * feats[s == 1].mean(0) - (1 - p) * feats[s == -1].mean(0))
+    assert torch.allclose(traj.v[1], brute, atol=1e-14)
+    assert torch.allclose(dyn.first_step_v(feats, s, beta, lr), brute, atol=1e-14)
+    if balanced:
+        delta = feats[s == 1].mean(0) - feats[s == -1].mean(0)
+        assert dyn.first_step_weight_change(delta.norm().item(), beta, lr) == pytest.approx(
+            traj.weight_change[1], rel=1e-12)
+
+
+def test_linear_weight_bound_holds_and_is_attained_at_step_one_for_aligned_features():
+    feats, s, _ = small_world(seed=4)
+    beta, lr = 1.0, 3.0
+    traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=20)
+    G = feats.norm(dim=1).mean().item()
+    bound = dyn.weight_change_bound(np.arange(21), beta, lr, G)
+    assert np.all(traj.weight_change <= bound + 1e-12)
+    # all s*g equal: the first step is exactly half the bound (sigma(0) = 1/2)
+    g = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    f2, s2 = torch.cat([g, -g]), torch.tensor([1, -1])
+    t2 = dyn.last_layer_dpo(f2, s2, beta=beta, lr=lr, steps=1)
+    assert t2.weight_change[1] == pytest.approx(0.5 * dyn.weight_change_bound(1, beta, lr, g.norm().item()), rel=1e-12)
+
+
+def test_loss_drop_bounds_bracket_the_exact_drop_and_first_order_is_tight_for_small_steps():
+    feats, s, _ = small_world(seed=5)
+    beta = 0.5
+    for lr in (0.01, 0.3, 3.0):
+        traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=1)
+        drop = traj.loss[0, 0] - traj.loss[1, 0]
+        assert traj.loss[0, 0] == pytest.approx(math.log(2), abs=1e-14)
+        lo, hi = dyn.loss_drop_bounds(feats, s, beta, lr)
+        assert lo <= drop <= hi
+    m2 = dyn.signed_mean(feats, s).pow(2).sum().item()
+    traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=1e-4, steps=1)
+    assert traj.loss[0, 0] - traj.loss[1, 0] == pytest.approx(dyn.first_order_loss_drop(m2, beta, 1e-4), rel=1e-3)
+
+
+def test_joint_first_step_gains_equal_observed_margin_gains():
+    feats, s, groups = dyn.synthetic_behaviours([0.5, 1.5, 3.0], n_per_class=20, d=6, common=2.0, seed=6)
+    beta, lr = 0.3, 0.8
+    traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=1, groups=groups)
+    pred = dyn.joint_first_step_gains(feats, s, groups, beta, lr)
+    for k, name in enumerate(traj.groups):
+        assert traj.margin[1, k] - traj.margin[0, k] == pytest.approx(pred[name], rel=1e-10)
+    assert pred[2] > pred[1] > pred[0]
+
+
+def test_priority_identity_and_level():
+    g = torch.Generator().manual_seed(7)
+    di, dj = torch.randn(9, generator=g, dtype=torch.float64), 0.4 * torch.randn(9, generator=g, dtype=torch.float64)
+    left, right = dyn.priority_gap(di, dj)
+    assert left == pytest.approx(right, rel=1e-12)
+    b = (di + dj) / 2
+    closed = ((di.norm() ** 2 - dj.norm() ** 2) / (2 * b.norm() * torch.maximum(di.norm(), dj.norm()))).item()
+    assert dyn.priority_level(di, dj) == pytest.approx(closed, rel=1e-12)
+    assert dyn.priority_level(dj, di) == pytest.approx(-closed, rel=1e-12)
+
+
+def test_distributional_quantities_by_brute_force():
+    feats, s, _ = small_world(seed=8)
+    x = feats.numpy()
+    sn = s.numpy()
+    delta = x[sn == 1].mean(0) - x[sn == -1].mean(0)
+    assert np.allclose(dyn.preference_gap(feats, s).numpy(), delta)
+    assert dyn.distinguishability(feats, s) == pytest.approx(np.linalg.norm(delta))
+    assert torch.allclose(dyn.signed_mean(feats, s), torch.tensor(delta / 2))  # balanced
+    kappa, tau = dyn.concentration(feats, s)
+    covs = [np.cov(x[sn == c], rowvar=False) for c in (1, -1)]
+    assert kappa == pytest.approx(max(np.linalg.norm(c, 2) for c in covs))
+    assert tau == pytest.approx(max(np.trace(c) for c in covs))
+    with pytest.raises(ValueError):
+        dyn.preference_gap(feats[s == 1], s[s == 1])
+    with pytest.raises(ValueError):
+        dyn.signed_mean(feats, torch.zeros_like(s))
+
+
+def test_synthetic_generator_has_the_requested_distinguishability_and_noise():
+    norms = [0.5, 2.0]
+    feats, s, groups = dyn.synthetic_behaviours(norms, n_per_class=4000, d=5, sigma=1.5, common=3.0, seed=9)
+    groups = np.array(groups)
+    for k, want in enumerate(norms):
+        got = dyn.distinguishability(feats[groups == k], s[groups == k])
+        assert got == pytest.approx(want, abs=0.15)
+    lap, _, _ = dyn.synthetic_behaviours([1.0], n_per_class=20000, d=3, sigma=1.5, noise="laplace", seed=9)
+    assert lap[:, 1].std().item() == pytest.approx(1.5, rel=0.05)
+    K, alpha = dyn.tail_constant("laplace", 1.5)
+    noise = lap[:, 2].abs().numpy()
+    for t in (1.0, 3.0, 6.0):
+        assert np.mean(noise >= t) <= 2 * math.exp(-(t / K) ** alpha) + 0.01
+
+
+def test_gaussian_accuracy_and_subexponential_bound_against_monte_carlo():
+    n = 40000
+    for noise in ("gaussian", "laplace"):
+        feats, s, _ = dyn.synthetic_behaviours([2.0], n_per_class=n, d=4, sigma=1.0, noise=noise, seed=10)
+        acc = ((s.double() * feats[:, 0]) > 0).double().mean().item()   # sign(s <Delta, g>)
+        K, alpha = dyn.tail_constant(noise, 1.0)
+        assert acc >= dyn.subexponential_accuracy_bound(2.0, K, alpha) - 0.01
+        if noise == "gaussian":
+            assert acc == pytest.approx(dyn.gaussian_reward_accuracy(2.0, 1.0), abs=0.006)
+    # an offset of the common mean along Delta lowers the accuracy
+    assert dyn.gaussian_reward_accuracy(2.0, 1.0, offset=0.7) < dyn.gaussian_reward_accuracy(2.0, 1.0)
+
+
+def test_population_loss_curve_matches_a_large_sample():
+    beta, lr, steps = 0.5, 4.0, 15
+    feats, s, _ = dyn.synthetic_behaviours([1.5], n_per_class=20000, d=3, sigma=1.0, seed=11)
+    traj = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=steps)
+    pop = dyn.population_loss_curve(1.5, 1.0, beta, lr, steps)
+    assert pop[0] == pytest.approx(math.log(2))
+    assert np.max(np.abs(traj.loss[:, 0] - pop)) < 0.01
+    assert pop[-1] < pop[0] - 0.05
+
+
+def test_minibatch_training_and_spearman():
+    feats, s, _ = small_world(seed=12)
+    t = dyn.last_layer_dpo(feats, s, beta=0.5, lr=1.0, steps=5, batch_size=4, seed=0)
+    t2 = dyn.last_layer_dpo(feats, s, beta=0.5, lr=1.0, steps=5, batch_size=4, seed=0)
+    assert torch.equal(t.v, t2.v) and not torch.equal(t.v[1], dyn.first_step_v(feats, s, 0.5, 1.0))
+    assert dyn.spearman([1, 2, 3, 4], [10, 20, 25, 40]) == pytest.approx(1.0)
+    assert dyn.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

