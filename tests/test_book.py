@@ -63,6 +63,7 @@ def test_built_page_has_figures_table_and_no_errors(book, chapter):
     assert "Traceback" not in soup.get_text()
     tables = [t for t in soup.select("table") if "tolerance" in t.get_text()]
     assert tables, "no verification table"
-    rows = tables[-1].select("tbody tr")
-    assert rows and all("pass" in r.get_text() for r in rows)
-    assert not re.search(r"FAIL", tables[-1].get_text())
+    for table in tables:  # this run's checks, and the recorded full-scale run where one exists
+        rows = table.select("tbody tr")
+        assert rows and all("pass" in r.get_text() for r in rows)
+        assert not re.search(r"FAIL", table.get_text())

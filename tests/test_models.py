@@ -46,7 +46,7 @@ def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(smol, tmp_pa
     def must_not_run(*args, **kwargs):
         raise AssertionError("cached embeddings were recomputed")
 
-    monkeypatch.setattr(models, "_hidden_states", must_not_run)
+    monkeypatch.setattr(models, "last_token_states", must_not_run)
     assert torch.equal(models.embeddings(smol, texts, cache=tmp_path), emb[:2])
 
 

@@ -41,6 +41,32 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def render_table(checks: list[dict]) -> str:
+    """Checks (as saved in JSON) as a Markdown table."""
+    rows = ["| # | claim | theory predicts | measured | tolerance | result |",
+            "|---|---|---|---|---|---|"]
+    for i, c in enumerate(checks, 1):
+        result = "✅ pass" if c["passed"] else "❌ **FAIL**"
+        cells = [str(i), c["claim"], _fmt(c["predicted"]), _fmt(c["observed"]), c["tolerance"], result]
+        rows.append("| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |")
+    return "\n".join(rows)
+
+
+def recorded_markdown(chapter: str, scale: str = "full") -> str:
+    """The chapter's recorded run at ``scale`` (made on another machine, committed with the book),
+    with its hardware, date and time, for display beside the live run."""
+    from .pipeline import load_recorded
+
+    rec = load_recorded(chapter, scale)
+    if rec is None:
+        return f"*No run at `scale={scale}` has been recorded for this chapter yet.*"
+    passed = sum(c["passed"] for c in rec["checks"])
+    head = (f"Recorded at `scale={scale}` on **{rec['hardware']}**, finished {rec['finished']}, "
+            f"{rec['seconds']:.0f} s, torch {rec['packages'].get('torch')}, transformers "
+            f"{rec['packages'].get('transformers')}: **{passed}/{len(rec['checks'])} checks passed**.")
+    return head + "\n\n" + render_table(rec["checks"])
+
+
 class Verification:
     """The checks of one chapter, in the order they were made."""
 
@@ -83,13 +109,7 @@ class Verification:
 
     def table(self) -> str:
         """The verification table as Markdown (MyST renders it in the book)."""
-        rows = ["| # | claim | theory predicts | measured | tolerance | result |",
-                "|---|---|---|---|---|---|"]
-        for i, c in enumerate(self.checks, 1):
-            result = "✅ pass" if c.passed else "❌ **FAIL**"
-            cells = [str(i), c.claim, _fmt(c.predicted), _fmt(c.observed), c.tolerance, result]
-            rows.append("| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |")
-        return "\n".join(rows)
+        return render_table(self.to_json())
 
     def to_json(self) -> list[dict]:
         return [asdict(c) for c in self.checks]

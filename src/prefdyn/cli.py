@@ -5,11 +5,13 @@
     prefdyn all --scale ci [--device cpu] [--force]   every chapter, then a summary
     prefdyn book                                   HTML from the executed notebooks
     prefdyn checks                                 the last checks of every chapter
+    prefdyn record <id> <folder> --hardware "..."  keep a run made elsewhere (e.g. scale=full on a GPU)
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import pipeline
 from .params import SCALES
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--force", action="store_true", help="execute even if the cache says nothing changed")
     sub.add_parser("book", help="build the HTML book from the executed chapters")
     sub.add_parser("checks", help="print the last verification results of every chapter")
+    p = sub.add_parser("record", help="keep a run made on another machine (its <id>.checks.json and <id>.run.json)")
+    p.add_argument("chapter")
+    p.add_argument("folder", help="the folder holding the two files")
+    p.add_argument("--hardware", required=True, help='e.g. "NVIDIA H100 80GB HBM3"')
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"[prefdyn] the book is at {index}")
         print(pipeline.summary())
+        return 0
+    if args.command == "record":
+        print(f"[prefdyn] recorded {pipeline.record(args.chapter, Path(args.folder), args.hardware)}")
         return 0
     if args.command == "checks":
         print(pipeline.summary())

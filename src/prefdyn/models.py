@@ -150,32 +150,30 @@ def single_token_id(tokenizer, word: str) -> int:
 
 @dataclass
 class TokenBatch:
-    """Left-padded ``prompt + response`` ids; ``labels`` holds the response ids, ``-100`` elsewhere.
+    """Right-padded ``prompt + response`` ids; ``labels`` holds the response ids, ``-100`` elsewhere.
 
-    Left padding puts every response at the end of its row, so the model computes logits only for
-    the last ``response_width + 1`` positions instead of the whole sequence.
+    Right padding keeps every query row attending to at least one real token, which some fused
+    attention kernels need to stay finite (left padding gave NaN gradients under bf16 on a GPU).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    response_width: int
 
     def to(self, device) -> "TokenBatch":
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                          self.response_width)
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
 
 
-def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(map(len, rows))
-    return torch.tensor([[value] * (width - len(r)) + r for r in rows])
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
 def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
     """Tokenise prompt and response separately (so the boundary is exact) and concatenate."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    rows, label_rows, width = [], [], 0
+    rows, label_rows = [], []
     for prompt, response in zip(prompts, responses):
         p = tokenizer.encode(prompt, add_special_tokens=False)
         r = tokenizer.encode(response, add_special_tokens=False)
@@ -183,26 +181,27 @@ def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Token
             raise ValueError(f"empty response for prompt {prompt[:60]!r}")
         rows.append(p + r)
         label_rows.append([IGNORE_INDEX] * len(p) + r)
-        width = max(width, len(r))
-    return TokenBatch(_left_pad(rows, tokenizer.pad_token_id), _left_pad([[1] * len(r) for r in rows], 0),
-                      _left_pad(label_rows, IGNORE_INDEX), width)
-
-
-def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits of the last ``keep`` positions of left-padded rows (positions counted from each row's start)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 logits_to_keep=keep).logits
+    return TokenBatch(_right_pad(rows, tokenizer.pad_token_id), _right_pad([[1] * len(r) for r in rows], 0),
+                      _right_pad(label_rows, IGNORE_INDEX))
 
 
 def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
     """Sum of ``log pi(y_t | x, y_<t)`` over response tokens, one value per row (differentiable)."""
-    keep = batch.response_width + 1
-    logits = _forward(model, batch.input_ids, batch.attention_mask, keep)[:, :-1]
-    labels = batch.labels[:, -batch.response_width:]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
     return (token_logps * mask).sum(-1)
+
+
+def last_token_states(model, tokenizer, texts: Sequence[str], device, layer: int = -1) -> torch.Tensor:
+    """Hidden state at ``layer`` of the last token of each text (``-1``: after the final norm, the
+    input of the LM head), from one right-padded batch; differentiable."""
+    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    mask = _right_pad([[1] * len(r) for r in rows], 0).to(device)
+    out = model(input_ids=_right_pad(rows, tokenizer.pad_token_id).to(device), attention_mask=mask,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[layer][torch.arange(len(rows), device=device), mask.sum(1) - 1]
 
 
 def single_token_responses(tokenizer, responses: Sequence[str]) -> list[int] | None:
@@ -216,16 +215,16 @@ def pair_logps(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], 
     """``log pi(y_w|x)`` and ``log pi(y_l|x)`` for a batch of pairs (differentiable).
 
     When every response is a single token (yes/no answers), both come from one forward pass over
-    the prompts alone: they are two entries of the same next-token distribution. Otherwise chosen
-    and rejected run as one concatenated batch, as the DPO reference implementation does.
+    the prompts alone: they are two entries of the same next-token distribution, the LM head
+    applied to the last prompt token's state. Otherwise chosen and rejected run as one
+    concatenated batch, as the DPO reference implementation does.
     """
     tokens = single_token_responses(tokenizer, list(chosen) + list(rejected))
     if tokens is None:
         logps = sequence_logps(model, encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected)).to(device))
         return logps[:len(prompts)], logps[len(prompts):]
-    rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    ids, mask = _left_pad(rows, tokenizer.pad_token_id).to(device), _left_pad([[1] * len(r) for r in rows], 0).to(device)
-    next_token = _forward(model, ids, mask, 1)[:, -1].float().log_softmax(-1)
+    states = last_token_states(model, tokenizer, prompts, device)
+    next_token = model.get_output_embeddings()(states).float().log_softmax(-1)
     both = torch.tensor(tokens, device=device).view(2, len(prompts)).T
     picked = torch.gather(next_token, 1, both)
     return picked[:, 0], picked[:, 1]
@@ -255,17 +254,6 @@ def preference_logps(policy: Policy, prompts: Sequence[str], chosen: Sequence[st
     return (torch.cat(out_w), torch.cat(out_l)) if out_w else (torch.empty(0), torch.empty(0))
 
 
-@torch.no_grad()
-def _hidden_states(policy: Policy, texts: Sequence[str], layer: int) -> torch.Tensor:
-    """Hidden state of the last token of each text at ``layer`` (``-1``: after the final norm)."""
-    rows = [policy.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    ids = _left_pad(rows, policy.tokenizer.pad_token_id).to(policy.device)
-    mask = _left_pad([[1] * len(r) for r in rows], 0).to(policy.device)
-    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[layer][:, -1].float().cpu()
-
-
 def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size: int = 32,
                cache: Path | None = None, progress: bool = False) -> torch.Tensor:
     """Last-token hidden states of ``texts`` at ``layer``, shape ``(len(texts), hidden)``.
@@ -292,7 +280,9 @@ def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size
     order = list(first_missing.values())
     for i in tqdm(range(0, len(order), batch_size), disable=not progress or not order, desc="embeddings"):
         chunk = order[i:i + batch_size]
-        for j, h in zip(chunk, _hidden_states(policy, [texts[j] for j in chunk], layer)):
+        with torch.no_grad():
+            states = last_token_states(policy.model, policy.tokenizer, [texts[j] for j in chunk], policy.device, layer)
+        for j, h in zip(chunk, states.float().cpu()):
             stored[keys[j]] = h
     if order:
         all_keys = list(stored)

@@ -232,6 +232,25 @@ def build_book(log=print) -> Path:
     return top / "book" / "_build" / "html" / "index.html"
 
 
+def recorded_path(chapter: str, scale: str = "full") -> Path:
+    """Where a run made elsewhere (e.g. at ``scale=full`` on a GPU) is kept, committed with the book."""
+    return root() / "book" / "recorded" / f"{chapter}.{scale}.json"
+
+
+def record(chapter: str, source: Path, hardware: str) -> Path:
+    """Keep the checks and run record that ``prefdyn run`` wrote into ``source`` (a folder brought
+    back from another machine), with the hardware it ran on, as the chapter's recorded run."""
+    checks = json.loads((source / f"{chapter}.checks.json").read_text())
+    meta = json.loads((source / f"{chapter}.run.json").read_text())
+    scale = meta["parameters"]["scale"]
+    return atomic_write_json(recorded_path(chapter, scale), {**meta, "hardware": hardware, "checks": checks})
+
+
+def load_recorded(chapter: str, scale: str = "full") -> dict | None:
+    path = recorded_path(chapter, scale)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def summary(chapters: list[str] | None = None) -> str:
     """One line per chapter with the number of checks passed, then each failed check."""
     lines = []
