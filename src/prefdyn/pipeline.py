@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -190,6 +191,9 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
             "packages": {n: _version(n) for n in PINNED_PACKAGES}, "git": git_revision()}
     nb = nbformat.read(partial_nb, as_version=4)
     nb.metadata["prefdyn"] = meta
+    for cell in nb.cells:  # papermill's injected cell names temporary paths; the text states scale and device
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.metadata["tags"].append("remove-cell")
     atomic_write(p["notebook"], nbformat.writes(nb))
     partial_nb.unlink(missing_ok=True)
     p["failed"].unlink(missing_ok=True)
@@ -216,6 +220,29 @@ def git_revision() -> str | None:
         return None
 
 
+MATHJAX_DIST = "django-static-mathjax"  # a PyPI package that ships MathJax 3 (es5 build); only its files are used
+MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output", "ui", "a11y", "adaptors")
+
+
+def stage_mathjax(top: Path) -> Path:
+    """Copy MathJax from its PyPI package into ``book/_static/mathjax`` so the HTML typesets math
+    with no network access (Sphinx's ``mathjax_path`` points there, not at a CDN)."""
+    target = top / "book" / "_static" / "mathjax"
+    if (target / MATHJAX_PARTS[0]).is_file():
+        return target
+    try:
+        es5 = Path(metadata.distribution(MATHJAX_DIST).locate_file("mathjax/static/mathjax/es5"))
+    except metadata.PackageNotFoundError as exc:
+        raise ChapterError(f"MathJax is missing; install it with: pip install {MATHJAX_DIST}") from exc
+    staging = target.with_name(".mathjax.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for part in MATHJAX_PARTS:
+        (shutil.copy2 if (es5 / part).is_file() else shutil.copytree)(es5 / part, staging / part)
+    os.replace(staging, target)
+    return target
+
+
 def build_book(log=print) -> Path:
     """Build the HTML book from the executed notebooks (the build itself executes nothing)."""
     missing = [c for c in chapter_ids() if not paths(c)["notebook"].is_file()]
@@ -223,6 +250,7 @@ def build_book(log=print) -> Path:
         raise ChapterError(f"chapter(s) {missing} have not been executed; run `prefdyn run <id>` "
                            "(or `make book`) first")
     top = root()
+    stage_mathjax(top)
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(top), "--config", str(top / "_config.yml"),
            "--toc", str(top / "book" / "_toc.yml"), "--path-output", str(top / "book"), "-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

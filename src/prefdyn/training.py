@@ -50,6 +50,10 @@ class ReferenceLogps:
     def of(cls, policy: Policy, pairs: PreferencePairs, batch_size: int = 32) -> "ReferenceLogps":
         return cls(*preference_logps(policy, pairs.prompts, pairs.chosen, pairs.rejected, batch_size))
 
+    def subset(self, index: Sequence[int]) -> "ReferenceLogps":
+        index = torch.as_tensor(list(index), dtype=torch.long)
+        return ReferenceLogps(self.chosen[index], self.rejected[index])
+
 
 def evaluate_preferences(policy: Policy, pairs: PreferencePairs, reference: ReferenceLogps, beta: float,
                          batch_size: int = 32) -> dict[str, float]:
