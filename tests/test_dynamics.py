@@ -200,3 +200,54 @@ def test_minibatch_training_and_spearman():
     assert torch.equal(t.v, t2.v) and not torch.equal(t.v[1], dyn.first_step_v(feats, s, 0.5, 1.0))
     assert dyn.spearman([1, 2, 3, 4], [10, 20, 25, 40]) == pytest.approx(1.0)
     assert dyn.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_smoothness_bounds_the_hessian_and_gives_monotone_descent():
+    feats, s, _ = small_world(seed=13)
+    feats = feats + 3.0        # a large common component, as in real embeddings
+    beta = 0.5
+    L = dyn.smoothness(feats, beta)
+    v = 0.05 * torch.randn(feats.shape[1], dtype=torch.float64)
+    H = torch.autograd.functional.hessian(lambda w: dyn.dpo_losses(w, feats, s, beta).mean(), v)
+    assert torch.linalg.eigvalsh(H)[-1].item() <= L + 1e-12
+    x = feats
+    assert L == pytest.approx(beta**2 * torch.linalg.eigvalsh(x.T @ x / len(x))[-1].item())
+    good = dyn.last_layer_dpo(feats, s, beta=beta, lr=1.9 / L, steps=40)
+    assert np.all(np.diff(good.loss[:, 0]) <= 1e-12)
+    bad = dyn.last_layer_dpo(feats, s, beta=beta, lr=6.0 / L, steps=40)
+    assert np.any(np.diff(bad.loss[:, 0]) > 0)
+    after = dyn.group_losses_after(feats, s, [0] * len(s), beta=beta, lr=1.9 / L, steps=40)
+    assert after[0] == pytest.approx(good.loss[-1, 0], rel=1e-12)
+
+
+def test_gaussian_accuracy_of_direction_against_monte_carlo():
+    g = torch.Generator().manual_seed(14)
+    mu_p, mu_m = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64), torch.tensor([-0.5, 0.2, 2.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.3, -0.1], dtype=torch.float64)
+    n = 200000
+    xp = mu_p + 0.8 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    xm = mu_m + 0.8 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    mc = (((xp @ w) > 0).double().mean() + ((xm @ w) < 0).double().mean()).item() / 2
+    assert dyn.gaussian_accuracy_of_direction(w, mu_p, mu_m, 0.8) == pytest.approx(mc, abs=0.003)
+    e = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    assert dyn.gaussian_accuracy_of_direction(e, torch.tensor([1.0, 0, 4], dtype=torch.float64), torch.tensor([-1.0, 0, 4], dtype=torch.float64), 1.0) \
+        == pytest.approx(dyn.gaussian_reward_accuracy(2.0, 1.0), abs=1e-12)
+
+
+def test_stratified_resample_keeps_strata():
+    s = torch.tensor([1, -1, 1, -1, 1, -1, -1, 1])
+    groups = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    idx = dyn.stratified_resample(s, groups, np.random.default_rng(0))
+    assert len(idx) == 8
+    assert [groups[i] for i in idx].count("a") == 4
+    assert sorted(int(s[i]) for i in idx if groups[i] == "b") == [-1, -1, 1, 1]
+
+
+def test_separate_training_equals_one_run_per_group():
+    feats, s, groups = dyn.synthetic_behaviours([0.5, 2.0, 1.0], n_per_class=15, d=5, common=2.0, seed=15)
+    feats, s, groups = feats[:-4], s[:-4], groups[:-4]          # unequal group sizes
+    out = dyn.separate_losses_after(feats, s, groups, beta=0.5, lr=0.3, steps=7)
+    g = np.array(groups)
+    for k in range(3):
+        alone = dyn.last_layer_dpo(feats[g == k], s[g == k], beta=0.5, lr=0.3, steps=7)
+        assert out[k] == pytest.approx(alone.loss[-1, 0], rel=1e-12)

@@ -1,4 +1,5 @@
 """The command line and the cache key, without executing any chapter."""
+import json
 import subprocess
 import sys
 
@@ -58,3 +59,27 @@ def test_book_refuses_to_build_before_chapters_are_executed(tmp_path, monkeypatc
     monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
     with pytest.raises(pipeline.ChapterError, match="have not been executed"):
         pipeline.build_book()
+
+
+def test_record_keeps_checks_with_hardware_and_is_rendered(tmp_path, monkeypatch):
+    from prefdyn.checks import recorded_markdown
+
+    monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
+    assert "No run at `scale=full`" in recorded_markdown("chx")
+    src = tmp_path / "from-gpu"
+    src.mkdir()
+    (src / "chx.checks.json").write_text(json.dumps([
+        {"claim": "a", "predicted": 0.0, "observed": 1e-9, "tolerance": "|obs - pred| <= 1e-06", "passed": True},
+        {"claim": "b", "predicted": "> 0", "observed": -1.0, "tolerance": "observed > 0", "passed": False}]))
+    (src / "chx.run.json").write_text(json.dumps({"parameters": {"scale": "full"}, "seconds": 12.0,
+                                                  "finished": "2026-01-01T00:00:00", "packages": {"torch": "9"}}))
+    path = pipeline.record("chx", src, "Some GPU")
+    assert path == tmp_path / "book" / "recorded" / "chx.full.json"
+    text = recorded_markdown("chx")
+    assert "Some GPU" in text and "1/2 checks passed" in text and "FAIL" in text
+
+
+def test_mathjax_is_staged_from_its_package(tmp_path):
+    target = pipeline.stage_mathjax(tmp_path)
+    assert (target / "tex-mml-chtml.js").stat().st_size > 100_000
+    assert any((target / "output" / "chtml" / "fonts").rglob("*.woff"))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def _run(chapters: list[str], args) -> int:
     for chapter in chapters:
         print(f"[prefdyn] {chapter}: running at scale={args.scale} ...", flush=True)
         try:
-            result = pipeline.run_chapter(chapter, args.scale, args.device, parameters, force=args.force)
+            result = pipeline.run_chapter(chapter, args.scale, args.device, parameters, force=args.force,
+                                          show_output=sys.stderr.isatty())
         except pipeline.ChapterError as exc:
             print(f"[prefdyn] error: {exc}", file=sys.stderr)
             return 2
@@ -38,6 +40,8 @@ def _run(chapters: list[str], args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)  # the notebook's output, when shown
     parser = argparse.ArgumentParser(prog="prefdyn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

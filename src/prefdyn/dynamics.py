@@ -170,6 +170,54 @@ def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, g
                       policy_accuracy=np.array(pacc) if ref_logodds is not None else None, groups=names)
 
 
+def smoothness(features: Tensor, beta: float, groups=None) -> float:
+    """``L = beta^2 lambda_max(E[g g^T])`` (the largest over ``groups`` when given): the mean DPO loss is
+    ``L``-smooth in ``v``, because its Hessian ``4 beta^2 E[sigma(h) sigma(-h) g g^T]`` is at most
+    ``beta^2 E[g g^T]`` (``sigma(h) sigma(-h) <= 1/4``). By the descent lemma, full-batch gradient descent
+    with ``lr < 2/L`` never increases the loss. A large mean shared by all features makes ``L`` large
+    (``L >= beta^2 ||E g||^2``), which is why a big step oscillates on real embeddings."""
+    labels = list(groups) if groups is not None else [0] * len(features)
+    out = 0.0
+    for name in dict.fromkeys(labels):
+        idx = torch.tensor([i for i, g in enumerate(labels) if g == name])
+        x = features[idx]
+        out = max(out, torch.linalg.eigvalsh(x.T @ x / len(x))[-1].item())
+    return beta**2 * out
+
+
+def group_losses_after(features: Tensor, s, groups, *, beta: float, lr: float, steps: int) -> dict:
+    """Mean DPO loss of every group after ``steps`` full-batch steps of *joint* training (fast: no
+    logging). ``{group: loss}``."""
+    s = _signs(s)
+    labels = list(groups)
+    v = torch.zeros(features.shape[1], dtype=features.dtype)
+    for _ in range(steps):
+        v = dpo_step(v, features, s, beta, lr)
+    ell = dpo_losses(v, features, s, beta)
+    return {name: ell[torch.tensor([i for i, g in enumerate(labels) if g == name])].mean().item()
+            for name in dict.fromkeys(labels)}
+
+
+def separate_losses_after(features: Tensor, s, groups, *, beta: float, lr: float, steps: int) -> dict:
+    """Mean DPO loss of every group after ``steps`` full-batch steps when every group is trained
+    *on its own* (one ``v_k`` per group), all groups advanced together in a few tensor operations.
+    Equal to running :func:`last_layer_dpo` on each group separately. ``{group: loss}``."""
+    s = _signs(s)
+    labels = list(groups)
+    names = list(dict.fromkeys(labels))
+    k = torch.tensor([names.index(g) for g in labels])
+    counts = torch.bincount(k, minlength=len(names)).to(features.dtype)
+    sf = s.to(features.dtype)
+    v = torch.zeros(len(names), features.shape[1], dtype=features.dtype)
+    for _ in range(steps):
+        h = U_NORM_SQ * beta * sf * (features * v[k]).sum(1)
+        step = torch.zeros_like(v).index_add_(0, k, (torch.sigmoid(-h) * sf)[:, None] * features)
+        v = v + lr * beta * step / counts[:, None]
+    ell = -F.logsigmoid(U_NORM_SQ * beta * sf * (features * v[k]).sum(1))
+    per = torch.zeros(len(names), dtype=features.dtype).index_add_(0, k, ell) / counts
+    return {name: per[i].item() for i, name in enumerate(names)}
+
+
 def explicit_softmax_dpo(W0: Tensor, features: Tensor, chosen: Tensor, rejected: Tensor, *, beta: float,
                          lr: float, steps: int) -> list[Tensor]:
     """Full-batch gradient descent on the DPO loss of a whole unembedding ``W`` (V x d) with an
@@ -276,6 +324,17 @@ def gaussian_reward_accuracy(delta_norm, sigma: float, offset: float = 0.0):
     return (norm.cdf((d + offset) / sigma) + norm.cdf((d - offset) / sigma)) / 2
 
 
+def gaussian_accuracy_of_direction(w: Tensor, mu_plus: Tensor, mu_minus: Tensor, sigma: float) -> float:
+    """Exact population accuracy of the classifier ``sign(s <w, g>)`` on balanced classes
+    ``g ~ N(mu^±, sigma^2 I)``: ``[Phi(<w, mu^+>/(sigma||w||)) + Phi(-<w, mu^->/(sigma||w||))] / 2``.
+    With ``w`` parallel to ``Delta`` and ``mu^± = c ± Delta/2``, ``c`` orthogonal to ``Delta``, it is
+    :func:`gaussian_reward_accuracy`."""
+    from scipy.stats import norm
+
+    scale = sigma * w.norm().item()
+    return float((norm.cdf(torch.dot(w, mu_plus).item() / scale) + norm.cdf(-torch.dot(w, mu_minus).item() / scale)) / 2)
+
+
 def subexponential_accuracy_bound(delta_norm, K: float, alpha: float):
     """Theorem 4.2, alpha-subexponential case: if the noise of the projection on ``Delta/||Delta||`` obeys
     ``P(|xi| >= t) <= 2 exp(-(t/K)^alpha)`` and the common mean is orthogonal to ``Delta``, the reward
@@ -349,6 +408,19 @@ def tail_constant(noise: str, sigma: float) -> tuple[float, float]:
     if noise == "laplace":
         return sigma / math.sqrt(2), 1.0
     raise ValueError(f"noise={noise!r} is not 'gaussian' or 'laplace'")
+
+
+def stratified_resample(s, groups, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap indices that resample statements with replacement within every (group, class)
+    stratum, so each behaviour keeps its size and class balance."""
+    s = np.asarray(_signs(s))
+    labels = np.asarray(list(groups))
+    out = []
+    for name in dict.fromkeys(labels.tolist()):
+        for sign in (1, -1):
+            idx = np.where((labels == name) & (s == sign))[0]
+            out.append(rng.choice(idx, size=len(idx), replace=True))
+    return np.concatenate(out)
 
 
 def spearman(x, y) -> float:

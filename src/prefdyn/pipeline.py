@@ -145,8 +145,11 @@ def load_checks(chapter: str) -> list[dict]:
 
 
 def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, parameters: dict | None = None,
-                force: bool = False, log=print) -> RunResult:
-    """Execute one chapter with papermill (unless cached) and return its checks."""
+                force: bool = False, show_output: bool = False) -> RunResult:
+    """Execute one chapter with papermill (unless cached) and return its checks.
+
+    ``show_output`` streams the notebook's output (progress bars included) to this process's log.
+    """
     import jupytext  # noqa: F401  (fail early if the toolchain is missing)
     import nbformat
     import papermill
@@ -172,7 +175,8 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     try:
         papermill.execute_notebook(source, str(partial_nb), parameters={**parameters,
                                    "checks_path": str(partial_checks)}, kernel_name="python3",
-                                   cwd=str(root()), execution_timeout=EXECUTION_TIMEOUT_S, progress_bar=False)
+                                   cwd=str(root()), execution_timeout=EXECUTION_TIMEOUT_S, progress_bar=False,
+                                   log_output=show_output)
     except papermill.PapermillExecutionError as exc:
         error = f"{exc.ename}: {exc.evalue}"
     except Exception as exc:  # kernel death, timeouts: report, keep the previous good results
