@@ -67,3 +67,14 @@ def test_built_page_has_figures_table_and_no_errors(book, chapter):
         rows = table.select("tbody tr")
         assert rows and all("pass" in r.get_text() for r in rows)
         assert not re.search(r"FAIL", table.get_text())
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_same_seed_and_scale_give_identical_checks(book, chapter):
+    """Determinism: a second execution (cache bypassed) at the same seed and scale on the same machine."""
+    top, results, _ = book
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFDYN_ROOT", str(top))
+        again = pipeline.run_chapter(chapter, "smoke", "cpu", force=True)
+    assert again.status == "executed", again.error
+    assert again.checks == results[chapter].checks

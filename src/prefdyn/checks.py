@@ -28,6 +28,11 @@ class Check:
     tolerance: str
     passed: bool
 
+    def _repr_markdown_(self) -> str:
+        """How a check shows when a notebook cell ends with it: one line, not the dataclass repr."""
+        mark = "✅ pass" if self.passed else "❌ **FAIL**"
+        return f"{mark}: {self.claim} (measured {_fmt(self.observed)}; {self.tolerance})"
+
 
 def _fmt(x: Any) -> str:
     if isinstance(x, bool):
