@@ -41,7 +41,8 @@ def _run(chapters: list[str], args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("papermill").setLevel(logging.INFO)  # the notebook's output, when shown
+    # papermill logs the notebook's output at INFO: shown when a person watches a terminal
+    logging.getLogger("papermill").setLevel(logging.INFO if sys.stderr.isatty() else logging.WARNING)
     parser = argparse.ArgumentParser(prog="prefdyn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
