@@ -1,9 +1,29 @@
+import shutil
+from pathlib import Path
+
 import pytest
 
-from prefdyn import models
+from prefdyn import models, pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted(p.stem for p in (REPO / "chapters").glob("*.md"))
 
 
 @pytest.fixture(scope="session")
 def smol():
     """The real packaged SmolLM2-135M-Instruct, loaded once for the whole test session."""
     return models.load_policy("smollm2-135m", "cpu")
+
+
+@pytest.fixture(scope="session")
+def book(tmp_path_factory):
+    """Every chapter executed at scale=smoke in a copy of the book's folder, and the HTML built from them."""
+    top = tmp_path_factory.mktemp("book")
+    shutil.copytree(REPO / "chapters", top / "chapters")
+    shutil.copytree(REPO / "book", top / "book", ignore=shutil.ignore_patterns("_build", "_executed", "_static"))
+    shutil.copy(REPO / "_config.yml", top / "_config.yml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFDYN_ROOT", str(top))
+        results = {c: pipeline.run_chapter(c, "smoke", "cpu") for c in CHAPTERS}
+        html = pipeline.build_book() if all(r.status != "failed" for r in results.values()) else None
+        yield top, results, html

@@ -4,30 +4,14 @@ The chapters run in a copy of the book's folder, so the results of `make book` a
 """
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from bs4 import BeautifulSoup
 
+from conftest import CHAPTERS
 from prefdyn import pipeline
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-CHAPTERS = sorted(p.stem for p in (REPO / "chapters").glob("*.md"))
-
-
-@pytest.fixture(scope="module")
-def book(tmp_path_factory):
-    top = tmp_path_factory.mktemp("book")
-    shutil.copytree(REPO / "chapters", top / "chapters")
-    shutil.copytree(REPO / "book", top / "book", ignore=shutil.ignore_patterns("_build", "_executed"))
-    shutil.copy(REPO / "_config.yml", top / "_config.yml")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFDYN_ROOT", str(top))
-        results = {c: pipeline.run_chapter(c, "smoke", "cpu") for c in CHAPTERS}
-        html = pipeline.build_book() if all(r.status != "failed" for r in results.values()) else None
-        yield top, results, html
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
