@@ -9,11 +9,15 @@ finally raises if any check failed, which fails the notebook and so CI.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .store import atomic_write_json
+
+
+BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
 
 
 class VerificationFailed(AssertionError):
@@ -90,23 +94,23 @@ class Verification:
         return self._add(claim, predicted, observed, f"|obs - pred| <= {_fmt(float(atol))}",
                          abs(observed - predicted) <= atol)
 
+    def _bound(self, claim: str, observed: float, symbol: str, bound: float, predicted: Any) -> Check:
+        """One-sided check ``observed <symbol> bound``; NaN never passes."""
+        observed, text = float(observed), f"{symbol} {_fmt(float(bound))}"
+        return self._add(claim, text if predicted is None else predicted, observed, f"observed {text}",
+                         BOUNDS[symbol](observed, bound))
+
     def at_least(self, claim: str, observed: float, bound: float, predicted: Any = None) -> Check:
         """Pass iff ``observed >= bound``; ``predicted`` describes the theory's statement."""
-        observed = float(observed)
-        return self._add(claim, f">= {_fmt(float(bound))}" if predicted is None else predicted,
-                         observed, f"observed >= {_fmt(float(bound))}", observed >= bound)
+        return self._bound(claim, observed, ">=", bound, predicted)
 
     def above(self, claim: str, observed: float, bound: float, predicted: Any = None) -> Check:
         """Pass iff ``observed > bound`` (strictly)."""
-        observed = float(observed)
-        return self._add(claim, f"> {_fmt(float(bound))}" if predicted is None else predicted,
-                         observed, f"observed > {_fmt(float(bound))}", observed > bound)
+        return self._bound(claim, observed, ">", bound, predicted)
 
     def at_most(self, claim: str, observed: float, bound: float, predicted: Any = None) -> Check:
         """Pass iff ``observed <= bound``."""
-        observed = float(observed)
-        return self._add(claim, f"<= {_fmt(float(bound))}" if predicted is None else predicted,
-                         observed, f"observed <= {_fmt(float(bound))}", observed <= bound)
+        return self._bound(claim, observed, "<=", bound, predicted)
 
     @property
     def passed(self) -> bool:

@@ -168,6 +168,11 @@ def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
+def _pad_batch(tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and their attention mask."""
+    return _right_pad(rows, tokenizer.pad_token_id), _right_pad([[1] * len(r) for r in rows], 0)
+
+
 def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
     """Tokenise prompt and response separately (so the boundary is exact) and concatenate."""
     if len(prompts) != len(responses):
@@ -180,8 +185,7 @@ def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Token
             raise ValueError(f"empty response for prompt {prompt[:60]!r}")
         rows.append(p + r)
         label_rows.append([IGNORE_INDEX] * len(p) + r)
-    return TokenBatch(_right_pad(rows, tokenizer.pad_token_id), _right_pad([[1] * len(r) for r in rows], 0),
-                      _right_pad(label_rows, IGNORE_INDEX))
+    return TokenBatch(*_pad_batch(tokenizer, rows), _right_pad(label_rows, IGNORE_INDEX))
 
 
 def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
@@ -197,9 +201,8 @@ def last_token_states(model, tokenizer, texts: Sequence[str], device, layer: int
     """Hidden state at ``layer`` of the last token of each text (``-1``: after the final norm, the
     input of the LM head), from one right-padded batch; differentiable."""
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    mask = _right_pad([[1] * len(r) for r in rows], 0).to(device)
-    out = model(input_ids=_right_pad(rows, tokenizer.pad_token_id).to(device), attention_mask=mask,
-                output_hidden_states=True, logits_to_keep=1)
+    ids, mask = (t.to(device) for t in _pad_batch(tokenizer, rows))
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[layer][torch.arange(len(rows), device=device), mask.sum(1) - 1]
 
 
