@@ -104,3 +104,29 @@ def test_yes_no_fast_path_equals_the_concatenated_sequences(smol):
     assert torch.allclose(fast_l, models.response_logps(smol, prompts, rejected), atol=1e-4)
     slow_w, slow_l = models.preference_logps(smol, prompts, ["Yes, I do", "No", "Yes"], rejected)
     assert torch.allclose(slow_l, fast_l, atol=1e-4) and torch.allclose(slow_w[1:], fast_w[1:], atol=1e-4)
+
+
+def test_sampling_is_seeded_cached_and_keyed_by_the_weights(smol, tmp_path, monkeypatch):
+    from prefdyn import sampling
+
+    prompts = [models.chat_prompt(smol.tokenizer, q) for q in ("Name a colour.", "Say hello.")]
+    first = sampling.sample_responses(smol, prompts, 3, max_new_tokens=6, seed=1, cache=tmp_path)
+    assert len(first) == 2 and all(len(s) == 3 for s in first)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # the same call is answered from the cache: generation is never reached
+    monkeypatch.setattr(sampling, "_generate", lambda *a, **k: pytest.fail("cache was not used"))
+    assert sampling.sample_responses(smol, prompts, 3, max_new_tokens=6, seed=1, cache=tmp_path) == first
+    monkeypatch.undo()
+    # an independent run with the same seed reproduces the samples; another seed changes them
+    assert sampling._generate(smol, prompts, 3, 6, 1.0, 1, 32, False) == first
+    assert sampling._generate(smol, prompts, 3, 6, 1.0, 2, 32, False) != first
+    # changing one weight changes the digest, so a trained policy never reuses stale samples
+    before = sampling.weights_digest(smol.model)
+    bias = next(p for p in smol.model.parameters())
+    with torch.no_grad():
+        bias.view(-1)[0] += 1.0
+        after = sampling.weights_digest(smol.model)
+        bias.view(-1)[0] -= 1.0
+    assert before != after and sampling.weights_digest(smol.model) == before
+    with pytest.raises(ValueError, match="n >= 1"):
+        sampling.sample_responses(smol, prompts, 0, max_new_tokens=6, seed=1, cache=tmp_path)
