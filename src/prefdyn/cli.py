@@ -6,6 +6,8 @@
     prefdyn book                                   HTML from the executed notebooks
     prefdyn checks                                 the last checks of every chapter
     prefdyn record <id> <folder> --hardware "..."  keep a run made elsewhere (e.g. scale=full on a GPU)
+    prefdyn train --model <spec> --steps N ...     DPO/IPO on persona data, outside the book; runs
+                                                   unchanged under `accelerate launch -m prefdyn train ...`
 """
 from __future__ import annotations
 
@@ -39,6 +41,34 @@ def _run(chapters: list[str], args) -> int:
     return 0 if ok else 1
 
 
+def _train(args) -> int:
+    import json
+
+    from accelerate import PartialState
+
+    from .models import ModelSpecError
+    from .params import ParameterError
+    from .store import atomic_write_json
+    from .training import train_on_persona
+
+    try:
+        result = train_on_persona(args.model, args.device, loss=args.loss, beta=args.beta, steps=args.steps,
+                                  batch_size=args.batch, lr=args.lr, seed=args.seed, data_dir=args.data_dir,
+                                  behaviours=args.behaviours, per_behaviour=args.per_behaviour,
+                                  held_out=args.held_out, top_blocks=args.top_blocks, bucket=args.bucket,
+                                  progress=sys.stderr.isatty())
+    except (ModelSpecError, ParameterError, FileNotFoundError, ValueError) as exc:
+        print(f"[prefdyn] error: {exc}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        summary = {k: v for k, v in result.items() if k != "history"}
+        summary["losses"] = [round(r["loss"], 6) for r in result["history"] if "loss" in r]
+        print(json.dumps(summary, indent=2))
+        if args.out is not None:
+            atomic_write_json(args.out, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # papermill logs the notebook's output at INFO: shown when a person watches a terminal
@@ -62,6 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("chapter")
     p.add_argument("folder", help="the folder holding the two files")
     p.add_argument("--hardware", required=True, help='e.g. "NVIDIA H100 80GB HBM3"')
+    p = sub.add_parser("train", help="DPO or IPO on persona data (works under `accelerate launch`)")
+    p.add_argument("--model", default="smollm2-135m", help="packaged name, .gguf path, HF folder or hub id")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--loss", choices=("dpo", "ipo"), default="dpo")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta or IPO's tau")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=8, help="global batch size (split among processes)")
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder of persona .jsonl files (default: shipped data)")
+    p.add_argument("--behaviours", default=None, help="comma-separated behaviour names (default: all)")
+    p.add_argument("--per-behaviour", type=int, default=None)
+    p.add_argument("--held-out", type=float, default=0.2)
+    p.add_argument("--top-blocks", type=int, default=None, help="train only the last N blocks (default: all)")
+    p.add_argument("--bucket", type=int, default=1, help="group batches by length over this many batches")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (atomically)")
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -85,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "record":
         print(f"[prefdyn] recorded {pipeline.record(args.chapter, Path(args.folder), args.hardware)}")
         return 0
+    if args.command == "train":
+        return _train(args)
     if args.command == "checks":
         print(pipeline.summary())
         return 0 if all(pipeline.load_checks(c) and all(x["passed"] for x in pipeline.load_checks(c))

@@ -1,0 +1,82 @@
+"""The training engine: batches, pre-tokenised pairs, and running under `accelerate launch`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prefdyn import models, training
+
+
+def test_batches_are_seeded_permutations_epoch_after_epoch():
+    lengths = torch.arange(10)
+    batches = training.batch_indices(lengths, 4, seed=3)
+    first = torch.cat([next(batches) for _ in range(5)])  # 20 indices: two whole epochs
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.cat([torch.randperm(10, generator=generator) for _ in range(2)])
+    assert torch.equal(first, expected)
+
+
+def test_length_buckets_cover_each_epoch_and_group_similar_lengths():
+    lengths = torch.randint(1, 200, (96,), generator=torch.Generator().manual_seed(0))
+    batches = training.batch_indices(lengths, 8, seed=1, bucket=4)
+    epoch = [next(batches) for _ in range(12)]  # 96 pairs = 3 runs of 4 batches of 8, nothing dropped
+    assert sorted(torch.cat(epoch).tolist()) == list(range(96))
+    spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in epoch]).mean()
+    plain = training.batch_indices(lengths, 8, seed=1)
+    plain_spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in
+                                 (next(plain) for _ in range(12))]).mean()
+    assert spread < 0.6 * plain_spread  # sorting within runs of 32 leaves far less padding
+    assert not torch.equal(torch.cat(epoch), torch.cat([next(batches) for _ in range(12)]))  # a new order
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        next(training.batch_indices(torch.arange(3), 4, seed=0, bucket=2))
+
+
+@pytest.mark.slow
+def test_encoded_pairs_slice_to_the_same_log_probs(smol):
+    tok = smol.tokenizer
+    prompts = [models.chat_prompt(tok, q) for q in ("Do you like music?", "Is fire cold, or is it hot?", "Why?")]
+    chosen, rejected = ["Yes, a lot.", "Hot.", "Because it is so."], ["No", "Cold, very cold indeed.", "No idea"]
+    encoded = models.EncodedPairs.of(tok, prompts, chosen, rejected)
+    n = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    assert encoded.sequences is not None and encoded.lengths.tolist() == [
+        n(p) + max(n(c), n(r)) for p, c, r in zip(prompts, chosen, rejected)]
+    with torch.no_grad():
+        w, l = encoded.logps(smol.model, torch.tensor([2, 0]), "cpu")
+        assert torch.allclose(w, models.response_logps(smol, [prompts[2], prompts[0]], [chosen[2], chosen[0]]),
+                              atol=1e-4)
+        assert torch.allclose(l, models.response_logps(smol, [prompts[2], prompts[0]], [rejected[2], rejected[0]]),
+                              atol=1e-4)
+    yes_no = models.EncodedPairs.of(tok, prompts, ["Yes"] * 3, ["No"] * 3)
+    assert yes_no.sequences is None and yes_no.answers.shape == (3, 2)
+    with torch.no_grad():
+        w, _ = yes_no.logps(smol.model, torch.tensor([1]), "cpu")
+    assert torch.allclose(w, models.response_logps(smol, prompts[1:2], ["Yes"]), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
+    """One process under `accelerate launch` gives the losses of a plain `prefdyn train`."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate's launcher is missing from the environment"
+    args = ["train", "--steps", "2", "--batch", "4", "--behaviours", "agreeableness", "--per-behaviour", "12",
+            "--lr", "5e-5", "--device", "cpu"]
+    plain = subprocess.run([sys.executable, "-m", "prefdyn", *args, "--out", str(tmp_path / "plain.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    launched = subprocess.run([accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefdyn", *args,
+                               "--out", str(tmp_path / "launched.json")],
+                              capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "launched"))
+    losses = [[r["loss"] for r in run["history"] if "loss" in r] for run in (a, b)]
+    assert len(losses[0]) == 2 and losses[0][1] != losses[0][0]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert a["held_out_after"] == pytest.approx(b["held_out_after"], abs=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "prefdyn", "train", "--steps", "1", "--model", "gpt-17"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "is not a known name" in bad.stderr
