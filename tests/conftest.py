@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import pytest
 from prefdyn import models, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-CHAPTERS = sorted(p.stem for p in (REPO / "chapters").glob("*.md"))
+# PREFDYN_TEST_CHAPTERS=ch01-rlhf-dpo-ipo,... limits the notebook tests to some chapters while one is written
+CHAPTERS = [c for c in sorted(p.stem for p in (REPO / "chapters").glob("*.md"))
+            if not os.environ.get("PREFDYN_TEST_CHAPTERS") or c in os.environ["PREFDYN_TEST_CHAPTERS"].split(",")]
 
 
 @pytest.fixture(scope="session")
@@ -19,9 +22,14 @@ def smol():
 def book(tmp_path_factory):
     """Every chapter executed at scale=smoke in a copy of the book's folder, and the HTML built from them."""
     top = tmp_path_factory.mktemp("book")
-    shutil.copytree(REPO / "chapters", top / "chapters")
+    (top / "chapters").mkdir()
+    for chapter in CHAPTERS:
+        shutil.copy(REPO / "chapters" / f"{chapter}.md", top / "chapters")
     shutil.copytree(REPO / "book", top / "book", ignore=shutil.ignore_patterns("_build", "_executed", "_static"))
     shutil.copy(REPO / "_config.yml", top / "_config.yml")
+    toc = top / "book" / "_toc.yml"  # without the chapters left out by PREFDYN_TEST_CHAPTERS
+    toc.write_text("".join(line for line in toc.read_text().splitlines(keepends=True)
+                           if "book/_executed/ch" not in line or line.split("/")[-1].strip() in CHAPTERS))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
         results = {c: pipeline.run_chapter(c, "smoke", "cpu") for c in CHAPTERS}

@@ -62,3 +62,21 @@ def test_same_seed_and_scale_give_identical_checks(book, chapter):
         again = pipeline.run_chapter(chapter, "smoke", "cpu", force=True)
     assert again.status == "executed", again.error
     assert again.checks == results[chapter].checks
+
+
+def test_reproducibility_page_reports_every_chapter_run(book):
+    top, results, html = book
+    assert html is not None
+    page = top / "book" / "_build" / "html" / "book" / "_executed" / "reproducibility.html"
+    soup = BeautifulSoup(page.read_text(), "html.parser")
+    glance = soup.select_one("table")
+    rows = glance.select("tbody tr")
+    assert len(rows) == len(CHAPTERS)
+    for row, chapter in zip(rows, CHAPTERS):
+        cells = [td.get_text(" ", strip=True) for td in row.select("td")]
+        n = len(results[chapter].checks)
+        assert row.select_one("a")["href"].startswith(chapter)
+        assert cells[1] == f"✅ {n}/{n}" and cells[2] == '"smoke"' and cells[3] == '"cpu"'
+    text = soup.get_text(" ")
+    assert text.count("Git revision") == text.count("Hardware") >= len(CHAPTERS)
+    assert len([t for t in soup.select("table") if "tolerance" in t.get_text()]) >= len(CHAPTERS)

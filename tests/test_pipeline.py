@@ -83,3 +83,39 @@ def test_mathjax_is_staged_from_its_package(tmp_path):
     target = pipeline.stage_mathjax(tmp_path)
     assert (target / "tex-mml-chtml.js").stat().st_size > 100_000
     assert any((target / "output" / "chtml" / "fonts").rglob("*.woff"))
+
+
+def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypatch):
+    from prefdyn import report
+
+    monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
+    (tmp_path / "chapters").mkdir()
+    for chapter in ("cha", "chb"):
+        (tmp_path / "chapters" / f"{chapter}.md").write_text(f"---\n---\n# Title of {chapter}\n")
+    out = tmp_path / "book" / "_executed"
+    out.mkdir(parents=True)
+    (out / "cha.checks.json").write_text(json.dumps([
+        {"claim": "c1", "predicted": 0.0, "observed": 0.5, "tolerance": "observed <= 1", "passed": True},
+        {"claim": "c2", "predicted": "> 0", "observed": -1.0, "tolerance": "observed > 0", "passed": False}]))
+    (out / "cha.run.json").write_text(json.dumps({
+        "parameters": {"scale": "smoke", "device": "cpu"}, "defaults": {"seed": "0", "model": '"smollm2-135m"',
+                                                                         "lr": "0.1"},
+        "seconds": 12.3, "finished": "2026-01-02T03:04:05+0000", "python": "3.11", "packages": {"torch": "9.9"},
+        "git": "abc1234", "hardware": "Some CPU, 2 cores"}))
+    rec = dict(json.loads((out / "cha.run.json").read_text()), parameters={"scale": "full"}, hardware="Some GPU",
+               checks=[{"claim": "c1", "predicted": 0.0, "observed": 0.1, "tolerance": "observed <= 1",
+                        "passed": True}])
+    (tmp_path / "book" / "recorded").mkdir()
+    (tmp_path / "book" / "recorded" / "cha.full.json").write_text(json.dumps(rec))
+
+    text = report.reproducibility_markdown()
+    glance = text.split("## At a glance")[1].split("\n## ")[0]
+    assert "| {doc}`cha` | ❌ 1/2 | \"smoke\" | \"cpu\" | 12 s | 2026-01-02 | ✅ 1/1 | Some GPU | 2026-01-02 |" in glance
+    assert "| {doc}`chb` | not run |" in glance and "| none |" in glance
+    section = text.split("## Title of cha")[1].split("## Title of chb")[0]
+    assert '`scale="smoke"`, `device="cpu"`, `seed=0`, `model="smollm2-135m"`; chapter-specific: `lr=0.1`' in section
+    assert "Some CPU, 2 cores" in section and "`abc1234`" in section and "torch 9.9" in section
+    assert section.count("| c1 |") == 2 and "❌ **FAIL**" in section
+    assert "*Not executed in this build.*" in text.split("## Title of chb")[1]
+    path = report.write_reproducibility_page()
+    assert path == out / "reproducibility.md" and path.read_text() == text

@@ -56,11 +56,15 @@ def seed_everything(seed: int) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]]) -> Run:
+def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], *, model: str | None = None,
+          persona: tuple[Any, Any] | None = None) -> Run:
     """Validate the common parameters, seed everything and return the sizes for ``scale``.
 
     ``sizes`` maps each of ``smoke``, ``ci`` and ``full`` to that scale's settings: the same code
-    runs at every scale, only these numbers change.
+    runs at every scale, only these numbers change. ``model`` (a model spec) is resolved without
+    loading it (unknown names, missing files or packages, files that are not GGUF, a packaged file
+    whose checksum is wrong); ``persona=(data_dir, behaviours)`` loads and parses the chapter's data.
+    Both raise here, in the chapter's first cell, rather than after minutes of work.
     """
     if scale not in SCALES:
         raise ParameterError(f"scale={scale!r} is not one of {', '.join(SCALES)}; "
@@ -74,6 +78,14 @@ def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]]) 
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ParameterError(f"{name}={value!r} must not be negative")
     dev = resolve_device(device)
+    if model is not None:
+        from .models import resolve_spec
+
+        resolve_spec(model)
+    if persona is not None:
+        from .data import load_persona
+
+        load_persona(*persona)
     seed_everything(seed)
     return Run(scale=scale, device=dev, seed=seed, sizes=dict(sizes[scale]))
 

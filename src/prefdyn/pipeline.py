@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -96,12 +97,14 @@ def declared_parameters(chapter: str) -> dict[str, str]:
     return {name: spec["default"] for name, spec in found.items()}
 
 
-def check_parameters(chapter: str, parameters: dict) -> None:
+def check_parameters(chapter: str, parameters: dict) -> dict[str, str]:
+    """Refuse parameter names the chapter does not declare; return its declared defaults."""
     declared = declared_parameters(chapter)
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
         raise ChapterError(f"unknown parameter(s) {unknown} for chapter {chapter!r}; "
                            f"it accepts: {', '.join(sorted(declared))}")
+    return declared
 
 
 def parse_value(text: str):
@@ -136,7 +139,7 @@ def paths(chapter: str) -> dict[str, Path]:
     out = executed_dir()
     return {"notebook": out / f"{chapter}.ipynb", "checks": out / f"{chapter}.checks.json",
             "key": out / f"{chapter}.key", "meta": out / f"{chapter}.run.json",
-            "failed": out / f"{chapter}.failed.ipynb"}
+            "failed": out / f"{chapter}.failed.ipynb", "failed_checks": out / f"{chapter}.failed.checks.json"}
 
 
 def load_checks(chapter: str) -> list[dict]:
@@ -158,7 +161,7 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     parameters["scale"] = scale
     if device is not None:
         parameters["device"] = device
-    check_parameters(chapter, parameters)
+    defaults = check_parameters(chapter, parameters)
     p = paths(chapter)
     key = run_key(chapter, parameters)
     if not force and p["notebook"].is_file() and p["key"].is_file() and p["key"].read_text().strip() == key:
@@ -183,16 +186,19 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
         error = f"{exc.__class__.__name__}: {exc}"
     seconds = time.perf_counter() - start
     checks = json.loads(partial_checks.read_text()) if partial_checks.is_file() else []
+    if error:  # the last good results stay as they were; the failed run is kept beside them
+        for partial, failed in ((partial_nb, p["failed"]), (partial_checks, p["failed_checks"])):
+            if partial.is_file():
+                os.replace(partial, failed)
+        return RunResult(chapter, "failed", seconds, checks, error)
+    p["key"].unlink(missing_ok=True)  # until every result is in place, the cache must not vouch for them
     if partial_checks.is_file():
         os.replace(partial_checks, p["checks"])
-    if error:
-        if partial_nb.is_file():
-            os.replace(partial_nb, p["failed"])
-        p["key"].unlink(missing_ok=True)
-        return RunResult(chapter, "failed", seconds, checks, error)
-    meta = {"chapter": chapter, "parameters": parameters, "seconds": round(seconds, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
-            "packages": {n: _version(n) for n in PINNED_PACKAGES}, "git": git_revision()}
+    meta = {"chapter": chapter, "parameters": parameters,
+            "defaults": {k: v for k, v in defaults.items() if k not in parameters and k != "checks_path"},
+            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": sys.version.split()[0], "packages": {n: _version(n) for n in PINNED_PACKAGES},
+            "git": git_revision(), "hardware": hardware(parameters.get("device", "auto"))}
     nb = nbformat.read(partial_nb, as_version=4)
     nb.metadata["prefdyn"] = meta
     for cell in nb.cells:  # papermill's injected cell names temporary paths; the text states scale and device
@@ -201,6 +207,7 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     atomic_write(p["notebook"], nbformat.writes(nb))
     partial_nb.unlink(missing_ok=True)
     p["failed"].unlink(missing_ok=True)
+    p["failed_checks"].unlink(missing_ok=True)
     atomic_write_json(p["meta"], meta)
     atomic_write(p["key"], key + "\n")
     return RunResult(chapter, "executed", seconds, checks)
@@ -211,6 +218,26 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def hardware(device: str) -> str:
+    """The processor a run used: the CPU model and core count, and the GPU's name when one ran it."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if str(device).startswith("cuda") or device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            text = f"{torch.cuda.get_device_name(0)}; {text}"
+    return text
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def git_revision() -> str | None:
@@ -253,8 +280,11 @@ def build_book(log=print) -> Path:
     if missing:
         raise ChapterError(f"chapter(s) {missing} have not been executed; run `prefdyn run <id>` "
                            "(or `make book`) first")
+    from .report import write_reproducibility_page
+
     top = root()
     stage_mathjax(top)
+    write_reproducibility_page()
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(top), "--config", str(top / "_config.yml"),
            "--toc", str(top / "book" / "_toc.yml"), "--path-output", str(top / "book"), "-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
