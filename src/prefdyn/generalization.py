@@ -1,0 +1,383 @@
+"""Generalization of last-layer DPO after finitely many steps: reward-margin trajectories and a
+generalization bound.
+
+The setting of Im & Li, "On the Generalization of Preference Learning with DPO" (arXiv:2408.03459;
+published as "Can DPO Learn Diverse Human Values? A Theoretical Scaling Law", NeurIPS 2025):
+
+* frozen features ``g(x)`` in R^d and a trainable unembedding ``W`` (V x d), reference ``W_0``;
+* single-token responses, one-hot ``y_w, y_l``; the DPO reward margin of a sample is
+  ``r = beta (y_w - y_l)^T (W - W_0) g(x)`` because the softmax normaliser cancels;
+* ``K`` pairs of Gaussian clusters ``C_{k,+-}: g ~ N(l_b e_0 +- e_{1+k}, v^2 I)`` whose two clusters
+  prefer swapped tokens; ``Q`` samples per cluster, ``N = 2KQ``;
+* full-batch gradient descent (or gradient flow ``tau dW/dt = -grad L``) from ``W_0``.
+
+The paper's Lemma 4.1 (the margins obey a closed system driven by the kernel
+``C_ij = (y_wi - y_li)^T (y_wj - y_lj) g_i^T g_j``), the comparison argument behind its Theorem 4.2
+(linear lower and upper bounds on every training margin up to ``tau_1``) and the Gaussian-tail plus
+union-bound argument behind its Theorem 4.3 are implemented here in the form the chapter
+``ch03-dpo-generalization`` derives them. The deterministic parts are exact for gradient descent
+too (``t = step * lr`` with ``tau = 1``). Constants that come from the paper and could not be
+checked against it are marked as such where they are used (:func:`paper_bound`).
+
+Time convention: ``tau = 1`` and gradient descent with step ``lr`` is the Euler discretisation of the
+gradient flow, step ``k`` at time ``t = k * lr``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LOG3 = math.log(3.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: the paper's pairs of Gaussian clusters
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ClusterData:
+    """Samples of :func:`cluster_data`. ``cluster[i] = 2k`` for ``C_{k,+}`` and ``2k+1`` for ``C_{k,-}``;
+    ``means[c]`` is cluster ``c``'s mean and ``chosen_of[c], rejected_of[c]`` its tokens."""
+
+    features: Tensor
+    chosen: Tensor
+    rejected: Tensor
+    cluster: Tensor
+    means: Tensor
+    chosen_of: Tensor
+    rejected_of: Tensor
+    v: float
+    vocab: int
+
+
+def cluster_tokens(K: int, shared_tokens: bool = False) -> tuple[Tensor, Tensor, int]:
+    """Preferred and rejected token of each of the ``2K`` clusters, and the vocabulary size.
+
+    Distinct tokens (the paper's setting with ``Z = 1``): pair ``k`` uses tokens ``(2k, 2k+1)``,
+    ``C_{k,+}`` prefers ``2k`` over ``2k+1`` and ``C_{k,-}`` the reverse. ``shared_tokens=True``: every
+    pair uses tokens ``(0, 1)`` (``Z = K``; the persona Yes/No setting)."""
+    k = torch.arange(K)
+    a, b = (torch.zeros(K, dtype=torch.long), torch.ones(K, dtype=torch.long)) if shared_tokens else (2 * k, 2 * k + 1)
+    chosen = torch.stack([a, b], 1).reshape(-1)
+    rejected = torch.stack([b, a], 1).reshape(-1)
+    return chosen, rejected, 2 if shared_tokens else 2 * K
+
+
+def cluster_means(K: int, d: int, l_b: float, dtype=torch.float64) -> Tensor:
+    """``mu_{k,+-} = l_b e_0 +- e_{1+k}`` (rows ``2k``, ``2k+1``): orthonormal concepts ``c_k = e_{1+k}``,
+    orthogonal to the shared component ``b = l_b e_0``. Needs ``d >= K + 1``."""
+    if d < K + 1:
+        raise ValueError(f"need d >= K + 1 for orthogonal concepts and shared component (K={K}, d={d})")
+    eye = torch.eye(d, dtype=dtype)
+    c = eye[1:K + 1]
+    return torch.stack([l_b * eye[0] + c, l_b * eye[0] - c], 1).reshape(2 * K, d)
+
+
+def cluster_data(K: int, Q: int, d: int, v: float, l_b: float, *, shared_tokens: bool = False, seed: int = 0,
+                 dtype=torch.float64) -> ClusterData:
+    """``Q`` i.i.d. samples from each of the ``2K`` clusters ``N(mu_c, v^2 I)`` (:func:`cluster_means`).
+
+    The noise is ``v * z`` with ``z`` drawn from ``seed`` alone, so runs that differ only in ``v`` use
+    the same ``z`` (common random numbers)."""
+    means = cluster_means(K, d, l_b, dtype)
+    chosen_of, rejected_of, vocab = cluster_tokens(K, shared_tokens)
+    cluster = torch.arange(2 * K).repeat_interleave(Q)
+    z = torch.randn(2 * K * Q, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return ClusterData(means[cluster] + v * z, chosen_of[cluster], rejected_of[cluster], cluster, means,
+                       chosen_of, rejected_of, float(v), vocab)
+
+
+# --------------------------------------------------------------------------------------------------
+# Margins and their dynamics (Lemma 4.1)
+# --------------------------------------------------------------------------------------------------
+
+def preference_overlap(chosen_a: Tensor, rejected_a: Tensor, chosen_b: Tensor, rejected_b: Tensor) -> Tensor:
+    """``(y_wa - y_la)^T (y_wb - y_lb)`` for one-hot tokens, shape ``(len(a), len(b))``:
+    2 for the same preference, -2 for the swapped one, +-1 when one token is shared, 0 when disjoint."""
+    ca, ra, cb, rb = (x[:, None] if i < 2 else x[None, :] for i, x in enumerate((chosen_a, rejected_a, chosen_b, rejected_b)))
+    return ((ca == cb).double() - (ca == rb).double() - (ra == cb).double() + (ra == rb).double())
+
+
+def margin_kernel(G_a: Tensor, chosen_a: Tensor, rejected_a: Tensor, G_b: Tensor, chosen_b: Tensor,
+                  rejected_b: Tensor) -> Tensor:
+    """Lemma 4.1's kernel ``C_ab = (y_wa - y_la)^T (y_wb - y_lb) g_a^T g_b`` (preference sharing times
+    embedding correlation)."""
+    return preference_overlap(chosen_a, rejected_a, chosen_b, rejected_b).to(G_a.dtype) * (G_a @ G_b.T)
+
+
+def margins(delta_W: Tensor, G: Tensor, chosen: Tensor, rejected: Tensor, beta: float) -> Tensor:
+    """Reward margins ``r = beta (y_w - y_l)^T (W - W_0) g``."""
+    return beta * ((delta_W[chosen] - delta_W[rejected]) * G).sum(1)
+
+
+@dataclass
+class MarginRun:
+    """Margins of :func:`gd_dpo` at every step: ``train[t, i]`` and ``tests[j][t, i]``; ``delta_W[t]``
+    is ``W_t - W_0`` when ``keep_weights``, else only the last one is kept (``delta_W[-1]``)."""
+
+    train: Tensor
+    tests: list
+    delta_W: list
+
+
+def gd_dpo(G: Tensor, chosen: Tensor, rejected: Tensor, *, vocab: int, beta: float, lr: float, steps: int,
+           tests=(), keep_weights: bool = False) -> MarginRun:
+    """Full-batch gradient descent on the mean DPO loss over ``W`` (only ``W - W_0`` matters).
+
+    ``grad_W L = -(beta/N) sum_i sigma(-r_i) (y_wi - y_li) g_i^T``, so a step adds
+    ``lr beta/N sum_i sigma(-r_i) (e_{w_i} - e_{l_i}) g_i^T``. ``tests``: ``(G, chosen, rejected)``
+    triples whose margins are recorded too (never trained on)."""
+    N, d = G.shape
+    dW = torch.zeros(vocab, d, dtype=G.dtype)
+    train, outs, Ws = [], [[] for _ in tests], [dW.clone()]
+    for t in range(steps + 1):
+        r = margins(dW, G, chosen, rejected, beta)
+        train.append(r)
+        for out, (Gt, ct, rt) in zip(outs, tests):
+            out.append(margins(dW, Gt, ct, rt, beta))
+        if t == steps:
+            break
+        weight = (torch.sigmoid(-r))[:, None] * G * (lr * beta / N)
+        dW = dW.index_add(0, chosen, weight).index_add(0, rejected, -weight)
+        if keep_weights:
+            Ws.append(dW.clone())
+    if not keep_weights:
+        Ws = [dW]
+    return MarginRun(torch.stack(train), [torch.stack(o) for o in outs], Ws)
+
+
+def kernel_recursion(C: Tensor, beta: float, lr: float, steps: int, cross=()) -> tuple[Tensor, list]:
+    """Lemma 4.1 for gradient descent: ``r_{t+1} = r_t + lr (beta^2/N) C sigma(-r_t)`` from ``r_0 = 0``,
+    and for unseen samples ``r~_{t+1} = r~_t + lr (beta^2/N) C~ sigma(-r_t)`` with
+    ``C~[a, i] = (y_wa - y_la)^T (y_wi - y_li) g~_a^T g_i``. Returns ``(train (steps+1, N), [test ...])``."""
+    N = C.shape[0]
+    r = torch.zeros(N, dtype=C.dtype)
+    rs, tests = [r], [[torch.zeros(X.shape[0], dtype=C.dtype)] for X in cross]
+    for _ in range(steps):
+        s = torch.sigmoid(-r)
+        for out, X in zip(tests, cross):
+            out.append(out[-1] + lr * beta**2 / N * (X @ s))
+        r = r + lr * beta**2 / N * (C @ s)
+        rs.append(r)
+    return torch.stack(rs), [torch.stack(o) for o in tests]
+
+
+def gradient_flow_margins(C: Tensor, beta: float, times, tau: float = 1.0, rtol: float = 1e-10,
+                          atol: float = 1e-12) -> np.ndarray:
+    """Gradient flow of Lemma 4.1, ``tau dr/dt = (beta^2/N) C sigma(-r)``, ``r(0) = 0``, integrated by
+    scipy's adaptive RK45 (independent of the gradient-descent code). Returns ``(len(times), N)``."""
+    from scipy.integrate import solve_ivp
+
+    Cn = C.detach().cpu().numpy().astype(float)
+    N = Cn.shape[0]
+    times = np.asarray(times, dtype=float)
+    sol = solve_ivp(lambda t, r: beta**2 / (N * tau) * (Cn @ (1 / (1 + np.exp(r)))), (0.0, float(times[-1])),
+                    np.zeros(N), t_eval=times, rtol=rtol, atol=atol)
+    return sol.y.T
+
+
+def idealized_margin(t, K: int, beta: float, tau: float = 1.0):
+    """The noiseless (``v = 0``), distinct-token (``Z = 1``) margin, the same for every sample:
+    ``tau dr/dt = (2 beta^2 / K) sigma(-r)``, whose solution with ``r(0) = 0`` is
+    ``r = a t + 1 - W(exp(a t + 1))`` with ``a = 2 beta^2/(K tau)`` and ``W`` the Lambert W function
+    (from ``r + e^r = a t + 1``). Independent of ``l_b``."""
+    from scipy.special import lambertw
+
+    x = 2 * beta**2 / (K * tau) * np.asarray(t, dtype=float) + 1.0
+    return x - np.real(lambertw(np.exp(x)))
+
+
+def theorem_rates(K: int, beta: float, tau: float = 1.0) -> tuple[float, float, float]:
+    """Theorem 4.2's ``(rate_L, rate_U, tau_1)``: ``beta^2 t/(8 K tau) <= r_i(t) <= 5 beta^2 t/(K tau)``
+    for ``t <= tau_1 = K tau log 3 / (5 beta^2)`` (so ``r_U(tau_1) = log 3``)."""
+    return beta**2 / (8 * K * tau), 5 * beta**2 / (K * tau), K * tau * LOG3 / (5 * beta**2)
+
+
+def empirical_rates(C: Tensor, beta: float, tau: float = 1.0) -> tuple[float, float]:
+    """The deterministic comparison rates of the chapter's sandwich lemma.
+
+    Row ``j`` of ``C`` splits into ``A_j`` (sum of positive entries) and ``B_j`` (sum of the absolute
+    negative ones). While every ``sigma(-r_i)`` lies in ``[1/4, 1/2]`` (all margins in ``[0, log 3]``),
+    ``tau dr_j/dt`` lies in ``[(beta^2/N)(A_j/4 - B_j/2), (beta^2/N)(A_j/2 - B_j/4)]``. Returns
+    ``(rho_L, rho_U)``: the smallest lower and the largest upper rate over ``j``."""
+    N = C.shape[0]
+    A = C.clamp(min=0).sum(1)
+    B = (-C).clamp(min=0).sum(1)
+    k = beta**2 / (N * tau)
+    return float((k * (A / 4 - B / 2)).min()), float((k * (A / 2 - B / 4)).max())
+
+
+def kernel_rates(G: Tensor, chosen: Tensor, rejected: Tensor, beta: float, tau: float = 1.0,
+                 chunk: int = 1024) -> tuple[float, float]:
+    """:func:`empirical_rates` of the kernel of ``(G, chosen, rejected)`` without holding the ``N x N``
+    kernel: rows are formed ``chunk`` at a time."""
+    N = G.shape[0]
+    lo, hi = math.inf, -math.inf
+    k = beta**2 / (N * tau)
+    for start in range(0, N, chunk):
+        sl = slice(start, start + chunk)
+        C = margin_kernel(G[sl], chosen[sl], rejected[sl], G, chosen, rejected)
+        A, B = C.clamp(min=0).sum(1), (-C).clamp(min=0).sum(1)
+        lo, hi = min(lo, float((k * (A / 4 - B / 2)).min())), max(hi, float((k * (A / 2 - B / 4)).max()))
+    return lo, hi
+
+
+def inner_product_deviation(data: ClusterData, chunk: int = 1024) -> float:
+    """The ``delta`` of the event ``E_delta``: the largest ``|g_i^T g_j - mu_i^T mu_j|`` over ``i != j`` and
+    ``|‖g_i‖^2 - ‖mu_i‖^2 - d v^2|`` over ``i``, for the clusters' means ``mu``."""
+    G, mu = data.features, data.means[data.cluster]
+    N, d = G.shape
+    out = 0.0
+    for start in range(0, N, chunk):
+        sl = slice(start, start + chunk)
+        D = G[sl] @ G.T - mu[sl] @ mu.T
+        rows = torch.arange(start, min(start + chunk, N))
+        D[rows - start, rows] -= d * data.v**2
+        out = max(out, float(D.abs().max()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Generalization (Theorem 4.3)
+# --------------------------------------------------------------------------------------------------
+
+def test_slack(G: Tensor, chosen: Tensor, rejected: Tensor, mean: Tensor, chosen_t: int, rejected_t: int) -> float:
+    """The slack ``s*`` of an unseen sample from a cluster with mean ``mean`` and tokens
+    ``(chosen_t, rejected_t)``.
+
+    Its margin obeys ``tau dr~/dt = (beta^2/N) sum_i sigma(-r_i) c_i g_i^T (mu + xi)`` with
+    ``c_i = (y_w - y_l)^T (y_wi - y_li)``. With ``a_i = c_i g_i^T mu``, weights ``sigma(-r_i)`` anywhere in
+    ``[1/4, 1/2]`` and perturbations ``|g_i^T xi| <= s``, the smallest possible drive is
+    ``f(s) = sum_i phi(a_i - |c_i| s)`` with ``phi(x) = x/4`` for ``x >= 0`` and ``x/2`` for ``x < 0``.
+    ``f`` is continuous and decreasing; ``s*`` is its root (found by bisection), 0 when ``f(0) <= 0``.
+    So the drive is positive whenever ``max_i |g_i^T xi| < s*`` (over ``c_i != 0``)."""
+    c = preference_overlap(torch.tensor([chosen_t]), torch.tensor([rejected_t]), chosen, rejected)[0].to(G.dtype)
+    a, w = (c * (G @ mean)).cpu().numpy(), c.abs().cpu().numpy()
+    keep = w > 0
+    a, w = a[keep], w[keep]
+    return _worst_case_root(a, w)
+
+
+def worst_case_drive(a: np.ndarray, w: np.ndarray, s: float) -> float:
+    """``f(s) = sum_i phi(a_i - w_i s)``, ``phi(x) = x/4`` (x >= 0) or ``x/2`` (x < 0): the smallest value of
+    ``sum_i q_i (a_i + w_i e_i)`` over weights ``q_i`` in ``[1/4, 1/2]`` and ``|e_i| <= s``."""
+    x = np.asarray(a, float) - np.asarray(w, float) * s
+    return float(np.sum(np.where(x >= 0, x / 4, x / 2)))
+
+
+def _worst_case_root(a: np.ndarray, w: np.ndarray) -> float:
+    if len(a) == 0 or worst_case_drive(a, w, 0.0) <= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while worst_case_drive(a, w, hi) > 0:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if worst_case_drive(a, w, mid) > 0 else (lo, mid)
+    return lo
+
+
+def cluster_bound(s_star: float, v: float, norms: Tensor) -> float:
+    """Theorem 4.3's bound on one cluster's risk: the union over the training samples that share a
+    token (``norms``: their ``||g_i||``) of ``P(|g_i^T xi| >= s*)`` with ``g_i^T xi ~ N(0, v^2 ||g_i||^2)``:
+    ``min(1, sum_i 2 Phi(-s*/(v ||g_i||)))``; 1 when ``s* <= 0`` (no guarantee)."""
+    from scipy.stats import norm
+
+    if s_star <= 0:
+        return 1.0
+    if v == 0:
+        return 0.0
+    return float(min(1.0, np.sum(2 * norm.sf(s_star / (v * norms.detach().cpu().numpy())))))
+
+
+def union_bound_closed(s_star: float, v: float, max_norm: float, n: int) -> float:
+    """The closed form of the same union bound over ``n`` samples (the paper's form, ``n = N``):
+    ``min(1, 2 n exp(-s*^2 / (2 v^2 max||g_i||^2)))`` (``2 Phi(-x) <= 2 exp(-x^2/2)``)."""
+    if s_star <= 0:
+        return 1.0
+    return float(min(1.0, 2 * n * math.exp(-s_star**2 / (2 * v**2 * max_norm**2))))
+
+
+def paper_bound(K, Q):
+    """The bound ``2 K Q^2 exp(-Q/45)`` of the paper's Theorem 4.3 at ``tau_1`` (under ``d <= 5Q``,
+    ``v <= 1/(32 sqrt Q)``, ``1/4 <= l_b <= 1/2``, ``Z l_b^2 <= 1/4``, ``Q >= 40``). UNCONFIRMED: read from a
+    secondary summary, consistent with the paper's remark that K = 10 needs more than 875 samples per
+    value for a bound of 0.05. Not clipped."""
+    Q = np.asarray(Q, dtype=float)
+    return 2 * np.asarray(K, dtype=float) * Q**2 * np.exp(-Q / 45)
+
+
+def exact_risk(delta_W: Tensor, data: ClusterData, beta: float, log: bool = False) -> np.ndarray:
+    """Exact population risk ``P(r~ <= 0)`` of each cluster given the trained head: with
+    ``u = beta (W - W_0)^T (y_w - y_l)``, ``r~ = u^T g~ ~ N(u^T mu, v^2 ||u||^2)``, so the risk is
+    ``Phi(-u^T mu / (v ||u||))``. ``log=True`` returns ``log`` of it (finite far in the tail)."""
+    from scipy.stats import norm
+
+    u = beta * (delta_W[data.chosen_of] - delta_W[data.rejected_of])
+    z = -((u * data.means).sum(1) / (data.v * u.norm(dim=1))).cpu().numpy()
+    return norm.logcdf(z) if log else norm.cdf(z)
+
+
+def bounds_for(data: ClusterData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster: ``(s*, cluster_bound, union_bound_closed over all N)`` of Theorem 4.3."""
+    G, ch, rj = data.features, data.chosen, data.rejected
+    norms = G.norm(dim=1)
+    S, B, U = [], [], []
+    for c in range(len(data.means)):
+        cw, cl = int(data.chosen_of[c]), int(data.rejected_of[c])
+        sharing = preference_overlap(torch.tensor([cw]), torch.tensor([cl]), ch, rj)[0] != 0
+        s = test_slack(G, ch, rj, data.means[c], cw, cl)
+        S.append(s)
+        B.append(cluster_bound(s, data.v, norms[sharing]))
+        U.append(union_bound_closed(s, data.v, norms.max().item(), len(G)))
+    return np.array(S), np.array(B), np.array(U)
+
+
+def gaussian_plugin_risk(u: Tensor, mean: Tensor, cov: Tensor) -> float:
+    """``P(u^T g <= 0)`` for ``g ~ N(mean, cov)``: ``Phi(-u^T mean / sqrt(u^T cov u))`` (the Gaussian
+    cluster model fitted to data, with its measured, anisotropic covariance)."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(-(u @ mean).item() / math.sqrt(max((u @ cov @ u).item(), 1e-300))))
+
+
+# --------------------------------------------------------------------------------------------------
+# The theory's quantities measured on real features
+# --------------------------------------------------------------------------------------------------
+
+def cluster_geometry(features: Tensor, s, groups) -> dict:
+    """Fit the paper's cluster model to labelled features.
+
+    Behaviour ``k``'s two clusters are its statements with ``s = +1`` and ``s = -1``; the model has
+    ``mu_{k,+-} = b +- c_k``, so ``c_k = (mu_k^+ - mu_k^-)/2`` and ``b_k = (mu_k^+ + mu_k^-)/2``. Features are
+    rescaled so that the concepts have unit mean norm (the model's ``||c_k|| = 1``). Returns the scale,
+    ``l_b = ||mean_k b_k||``, the spread of the ``b_k`` around it, ``v`` (root mean within-cluster variance
+    per coordinate), the concept norms, the largest ``|cos|`` between two concepts and between a concept
+    and ``b``, and ``v sqrt(d)``."""
+    s = torch.as_tensor(s)
+    labels = list(groups)
+    names = list(dict.fromkeys(labels))
+    idx = {k: torch.tensor([i for i, g in enumerate(labels) if g == k]) for k in names}
+    c, b, resid = [], [], []
+    for k in names:
+        x, sk = features[idx[k]], s[idx[k]]
+        mp, mm = x[sk == 1].mean(0), x[sk == -1].mean(0)
+        c.append((mp - mm) / 2)
+        b.append((mp + mm) / 2)
+        resid += [x[sk == 1] - mp, x[sk == -1] - mm]
+    c, b, resid = torch.stack(c), torch.stack(b), torch.cat(resid)
+    scale = c.norm(dim=1).mean().item()
+    c, b, resid = c / scale, b / scale, resid / scale
+    bbar = b.mean(0)
+    cn = c / c.norm(dim=1, keepdim=True)
+    cos = cn @ cn.T
+    off = cos[~torch.eye(len(names), dtype=torch.bool)].abs()
+    v = resid.pow(2).mean().sqrt().item()
+    return dict(scale=scale, l_b=bbar.norm().item(), b_spread=(b - bbar).norm(dim=1).max().item(),
+                v=v, v_sqrt_d=v * math.sqrt(features.shape[1]), concept_norms=c.norm(dim=1).numpy(),
+                max_cos_concepts=off.max().item() if len(off) else 0.0,
+                max_cos_concept_b=(cn @ (bbar / bbar.norm())).abs().max().item(), cos=cos.numpy(), names=names)
