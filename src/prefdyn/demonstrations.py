@@ -1,0 +1,415 @@
+r"""Alignment from demonstrations (AfD): Sun & van der Schaar, "Inverse-RLignment", arXiv:2405.15624.
+
+The chapter ``ch05-alignment-from-demonstrations`` derives, and this module computes:
+
+* **the toy MDP** (Sec. 2 of the paper): generation as a deterministic-transition MDP whose state
+  is the prefix and whose action is the next token. :class:`TokenTree` enumerates every response of
+  at most ``T`` tokens over a small vocabulary, so trajectory distributions ``d^pi(y)``, state
+  occupancies ``rho^pi(s)`` and every KL are exact finite sums;
+* **forward KL = SFT** (the paper's Sec. 3.1): :func:`forward_kl_three_ways` returns the
+  trajectory KL ``KL(d^beta || d^pi)``, the occupancy-weighted per-state KL
+  ``sum_s rho^beta(s) KL(pi_beta(.|s) || pi(.|s))`` and the SFT form
+  ``E_{d^beta}[-log d^pi] - H(d^beta)``, equal by the chain rule;
+* **mass-covering vs mode-seeking** (Sec. 3.2, a cited fact in the paper): :func:`fit_gaussian`
+  fits one Gaussian to a density on a grid by forward or reverse KL;
+* **the discriminator** (Sec. 3.2 and 4): :func:`fit_logistic` is (weighted, L2-regularised)
+  logistic regression; at the population optimum its logit is ``log d^+ - log d^-`` plus the log
+  prior odds, the IRL reward model of the paper ("the reward is the discriminator's logit");
+* **extrapolation** (Sec. 4): :func:`extrapolate` gives ``pi_SFT^{1+lambda} pi_0^{-lambda}``, the
+  KL-regularised optimum from ``pi_SFT`` with the Init-SFT log-ratio reward;
+* **Best-of-N**: :func:`best_of_n_distribution` (exact pmf ``F(y)^N - F^-(y)^N``, shared equally
+  within reward ties in proportion to ``pi``), :func:`bon_kl_bound` (``log N - (N-1)/N``, Beirami
+  et al. 2024, Thm. 3.1) and :func:`expected_best_of_n` (the unbiased order-statistics estimator
+  from a pool of ``M >= N`` samples);
+* **the real-model experiment**: the shipped demonstration set (:func:`load_demonstrations`), its
+  golden criterion (:func:`golden_score`) and a minimal SFT loop (:func:`sft_train`) on
+  :func:`prefdyn.objectives.sft_nll`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import objectives
+from .models import Policy, encode, sequence_logps
+
+# --------------------------------------------------------------------------------------------
+# 1. The enumerable autoregressive toy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """Every response of at most ``T`` tokens over ``n_words`` ordinary tokens plus ``EOS``.
+
+    Token ids ``0 .. n_words-1`` are words and ``n_words`` is EOS. A *state* is a prefix of words
+    (EOS ends a response, so it never occurs inside a state); states are the prefixes of length
+    ``0 .. T-1``, indexed in :attr:`states`. A response ends at EOS or is cut off after ``T``
+    tokens, as ``max_new_tokens`` does. The transition ``s' = s + (a,)`` is deterministic: the
+    MDP of the paper's Sec. 2 with the prompt fixed.
+    """
+
+    n_words: int
+    T: int
+
+    @property
+    def eos(self) -> int:
+        return self.n_words
+
+    @property
+    def n_actions(self) -> int:
+        return self.n_words + 1
+
+    @property
+    def states(self) -> list[tuple[int, ...]]:
+        return [s for t in range(self.T) for s in itertools.product(range(self.n_words), repeat=t)]
+
+    @property
+    def responses(self) -> list[tuple[int, ...]]:
+        ended = [s + (self.eos,) for s in self.states]
+        cut = list(itertools.product(range(self.n_words), repeat=self.T))
+        return ended + cut
+
+    def steps(self) -> list[list[tuple[int, int]]]:
+        """For each response, its (state index, action) pairs in order."""
+        index = {s: i for i, s in enumerate(self.states)}
+        return [[(index[y[:t]], y[t]) for t in range(len(y))] for y in self.responses]
+
+    def random_logits(self, generator: torch.Generator, scale: float = 1.0) -> Tensor:
+        """A random tabular policy: logits of shape ``(n_states, n_actions)``, float64."""
+        return scale * torch.randn(len(self.states), self.n_actions, generator=generator, dtype=torch.float64)
+
+
+def trajectory_logprobs(tree: TokenTree, logits: Tensor) -> Tensor:
+    """``log d^pi(y) = sum_t log pi(y_t | s_t)`` for every response of ``tree`` (paper's d^pi(y|x))."""
+    log_pi = F.log_softmax(logits, -1)
+    return torch.stack([sum(log_pi[s, a] for s, a in path) for path in tree.steps()])
+
+
+def state_occupancy(tree: TokenTree, logits: Tensor) -> Tensor:
+    """``rho^pi(s) = Pr(the response passes through prefix s)`` (undiscounted, gamma = 1).
+
+    Computed forward, independently of :func:`trajectory_logprobs`: rho(root) = 1 and
+    rho(s + (w,)) = rho(s) pi(w | s) for a word ``w``.
+    """
+    pi = torch.softmax(logits, -1)
+    index = {s: i for i, s in enumerate(tree.states)}
+    rho = torch.zeros(len(tree.states), dtype=logits.dtype)
+    for s, i in index.items():
+        rho[i] = 1.0 if not s else rho[index[s[:-1]]] * pi[index[s[:-1]], s[-1]]
+    return rho
+
+
+def forward_kl_three_ways(tree: TokenTree, logits_beta: Tensor, logits_pi: Tensor) -> dict[str, Tensor]:
+    """The forward KL between demonstrator ``beta`` and policy ``pi``, three ways (chapter, Thm. 1).
+
+    * ``trajectory``: ``sum_y d^beta(y) log(d^beta(y) / d^pi(y))``;
+    * ``occupancy``: ``sum_s rho^beta(s) KL(pi_beta(.|s) || pi(.|s))``;
+    * ``sft``: ``E_{d^beta}[-log d^pi(y)] - H(d^beta)``, the SFT loss (:func:`objectives.sft_nll`)
+      minus a constant that does not depend on ``pi``.
+    """
+    lb, lp = trajectory_logprobs(tree, logits_beta), trajectory_logprobs(tree, logits_pi)
+    d_beta = lb.exp()
+    trajectory = (d_beta * (lb - lp)).sum()
+    log_beta_a, log_pi_a = F.log_softmax(logits_beta, -1), F.log_softmax(logits_pi, -1)
+    per_state = (log_beta_a.exp() * (log_beta_a - log_pi_a)).sum(-1)
+    occupancy = (state_occupancy(tree, logits_beta) * per_state).sum()
+    nll = (d_beta * objectives.sft_nll(lp)).sum()
+    entropy = -(d_beta * lb).sum()
+    return {"trajectory": trajectory, "occupancy": occupancy, "sft": nll - entropy, "sft_nll": nll,
+            "entropy": entropy}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Forward versus reverse KL on a bimodal density (grid quadrature)
+# --------------------------------------------------------------------------------------------
+
+
+def normal_logpdf(x: Tensor, mu, sigma) -> Tensor:
+    return -0.5 * ((x - mu) / sigma) ** 2 - torch.log(torch.as_tensor(sigma, dtype=x.dtype)) - 0.5 * math.log(2 * math.pi)
+
+
+def mixture_logpdf(x: Tensor, means: Sequence[float], sigma: float, weights: Sequence[float] | None = None) -> Tensor:
+    """Log density of ``sum_k w_k N(means_k, sigma^2)`` (equal weights by default)."""
+    w = torch.full((len(means),), 1 / len(means), dtype=x.dtype) if weights is None else torch.as_tensor(weights, dtype=x.dtype)
+    comps = torch.stack([normal_logpdf(x, m, sigma) for m in means]) + w.log()[:, None]
+    return torch.logsumexp(comps, 0)
+
+
+def kl_on_grid(log_p: Tensor, log_q: Tensor, x: Tensor) -> Tensor:
+    """``KL(p || q) = int p log(p/q) dx`` by the trapezoid rule on the grid ``x``."""
+    return torch.trapezoid(log_p.exp() * (log_p - log_q), x)
+
+
+def fit_gaussian(log_p: Tensor, x: Tensor, direction: str, mu0: float, sigma0: float,
+                 steps: int = 200) -> tuple[float, float, float]:
+    """Fit ``q = N(mu, sigma^2)`` to the density ``exp(log_p)`` on grid ``x`` by L-BFGS.
+
+    ``direction="forward"`` minimises ``KL(p || q)`` (what SFT minimises: mass-covering; its
+    minimiser matches the mean and variance of ``p``); ``"reverse"`` minimises ``KL(q || p)``
+    (the adversarial objective: mode-seeking). Returns ``(mu, sigma, KL at the optimum)``.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction={direction!r} must be 'forward' or 'reverse'")
+    theta = torch.tensor([mu0, math.log(sigma0)], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def objective():
+        log_q = normal_logpdf(x, theta[0], theta[1].exp())
+        return kl_on_grid(log_p, log_q, x) if direction == "forward" else kl_on_grid(log_q, log_p, x)
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(theta[0]), float(theta[1].exp()), float(objective())
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The discriminator, the IRL reward and extrapolation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogisticModel:
+    """A linear discriminator ``D(z) = sigma(w . (z - mean)/scale + b)``; its logit is the reward."""
+
+    weight: Tensor
+    bias: Tensor
+    mean: Tensor
+    scale: Tensor
+
+    def logit(self, features: Tensor) -> Tensor:
+        z = (features.to(self.weight.dtype) - self.mean) / self.scale
+        return z @ self.weight + self.bias
+
+
+def fit_logistic(positive: Tensor, negative: Tensor, l2: float = 0.0, pos_weight: Tensor | None = None,
+                 neg_weight: Tensor | None = None, standardize: bool = True, max_iter: int = 100) -> LogisticModel:
+    r"""Logistic regression of "positive" (label 1) against "negative" (label 0) by Newton's method, float64.
+
+    Minimises ``L = [sum_i w_i softplus(-f(z_i)) + sum_j w_j softplus(f(z_j))] / sum w + l2/2 |w|^2``
+    over ``f(z) = w.z + b``, with per-example weights (default 1; a *population* loss when the
+    weights are probabilities). Without ``l2`` and with enough capacity (e.g. one-hot features), the
+    minimiser satisfies ``sigma(f(z)) = D*(z) = w_+ d^+(z) / (w_+ d^+(z) + w_- d^-(z))``, so the logit
+    is ``log d^+(z) - log d^-(z)`` plus the log prior odds — the paper's IRL reward (Sec. 3.2, 4).
+    ``L`` is convex, so damped Newton steps (minimum-norm solutions where the Hessian is singular,
+    halved until ``L`` does not rise) converge to machine precision in a few dozen iterations.
+    Features are standardised with the pooled mean and standard deviation (``standardize``).
+    """
+    pos, neg = positive.to(torch.float64), negative.to(torch.float64)
+    wp = torch.ones(len(pos), dtype=torch.float64) if pos_weight is None else pos_weight.to(torch.float64)
+    wn = torch.ones(len(neg), dtype=torch.float64) if neg_weight is None else neg_weight.to(torch.float64)
+    both = torch.cat([pos, neg])
+    mean = both.mean(0) if standardize else torch.zeros(both.shape[1], dtype=torch.float64)
+    scale = both.std(0).clamp_min(1e-8) if standardize else torch.ones(both.shape[1], dtype=torch.float64)
+    Z = torch.cat([(both - mean) / scale, torch.ones(len(both), 1, dtype=torch.float64)], 1)
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(torch.float64)
+    w = torch.cat([wp, wn]) / (wp.sum() + wn.sum())
+    ridge = torch.full((Z.shape[1],), float(l2), dtype=torch.float64)
+    ridge[-1] = 0.0                                           # the bias is not penalised
+
+    def loss(theta):
+        f = Z @ theta
+        return (w * (F.softplus(f) - y * f)).sum() + 0.5 * (ridge * theta ** 2).sum()
+
+    theta = torch.zeros(Z.shape[1], dtype=torch.float64)
+    current = loss(theta)
+    for _ in range(max_iter):
+        p = torch.sigmoid(Z @ theta)
+        grad = Z.T @ (w * (p - y)) + ridge * theta
+        hess = (Z * (w * p * (1 - p))[:, None]).T @ Z + torch.diag(ridge)
+        if l2 > 0:                                              # positive definite: a Cholesky solve
+            step = torch.cholesky_solve(grad[:, None], torch.linalg.cholesky(hess))[:, 0]
+        else:                                                   # possibly singular: minimum-norm step
+            step = torch.linalg.lstsq(hess, grad[:, None], driver="gelsd").solution[:, 0]
+        t = 1.0
+        while t > 1e-10:
+            candidate = loss(theta - t * step)
+            if candidate <= current:
+                break
+            t /= 2
+        else:
+            break
+        theta, decrease, current = theta - t * step, current - candidate, candidate
+        if float(grad @ step) < 1e-24:                          # Newton decrement: converged
+            break
+    return LogisticModel(theta[:-1], theta[-1], mean, scale)
+
+
+def classification_accuracy(model: LogisticModel, positive: Tensor, negative: Tensor) -> float:
+    """Balanced accuracy: mean of the hit rates on the two classes (threshold logit 0)."""
+    return 0.5 * ((model.logit(positive) > 0).double().mean().item() + (model.logit(negative) <= 0).double().mean().item())
+
+
+def extrapolate(log_pi_sft: Tensor, log_pi_init: Tensor, lam: float) -> Tensor:
+    """``log`` of ``pi_SFT^{1+lam} pi_0^{-lam} / Z``: the optimum of KL-regularised optimisation from
+    ``pi_SFT`` with strength ``1/lam`` and reward ``log pi_SFT - log pi_0`` (chapter, Thm. 4)."""
+    return torch.log_softmax((1 + lam) * log_pi_sft - lam * log_pi_init, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Best-of-N
+# --------------------------------------------------------------------------------------------
+
+
+def best_of_n_distribution(log_p: Tensor, reward: Tensor, N: int) -> Tensor:
+    r"""Exact pmf of Best-of-N: draw ``N`` i.i.d. ``y ~ p``, keep the one of highest reward.
+
+    With ``F(y) = P(r(Y) <= r(y))`` and ``F^-(y) = P(r(Y) < r(y))``, the reward class of ``y`` wins
+    with probability ``F^N - F^{-N}`` (Beirami et al. 2024, Lemma 1); ties are broken uniformly at
+    random, so within a class of equal reward ``y`` gets a share proportional to ``p(y)``.
+    """
+    if N < 1:
+        raise ValueError(f"N={N} must be >= 1")
+    p = log_p.exp()
+    r = reward.to(torch.float64)
+    values, cls = torch.unique(r, sorted=True, return_inverse=True)     # reward classes, ascending
+    mass = torch.zeros(len(values), dtype=p.dtype).scatter_add_(0, cls, p)
+    le = torch.cumsum(mass, 0)                                           # F at each class
+    lt = le - mass                                                       # F^- at each class
+    return p / mass[cls] * (le[cls] ** N - lt[cls] ** N)
+
+
+def bon_kl_bound(N: int | np.ndarray) -> np.ndarray | float:
+    """``log N - (N-1)/N``: an upper bound on ``KL(BoN || p)``, exact when no reward ties have
+    positive probability (Beirami et al. 2024, Thm. 3.1)."""
+    N = np.asarray(N, dtype=float)
+    return np.log(N) - (N - 1) / N
+
+
+def expected_best_of_n(reward: np.ndarray, score: np.ndarray, N: int) -> np.ndarray:
+    r"""Unbiased estimate of ``E[score of the Best-of-N pick]`` from a pool of ``M >= N`` samples.
+
+    ``reward`` and ``score`` have shape ``(prompts, M)``. The value is the average, over all
+    ``C(M, N)`` subsets of the pool, of the score of the subset's highest-reward member (ties
+    broken uniformly at random). Sorting the pool by reward, the ``i``-th smallest (1-based) is
+    the maximum of ``C(i-1, N-1)`` subsets, so it gets weight ``C(i-1, N-1) / C(M, N)``; members of
+    a reward tie first share their mean score, which is what random tie-breaking averages to.
+    Each subset is an i.i.d. draw of ``N`` samples, so the estimate is unbiased for every ``N <= M``.
+    """
+    reward, score = np.atleast_2d(np.asarray(reward, float)), np.atleast_2d(np.asarray(score, float))
+    P, M = reward.shape
+    if score.shape != reward.shape or not 1 <= N <= M:
+        raise ValueError(f"need reward and score of the same shape (prompts, M) and 1 <= N <= M (N={N}, M={M})")
+    weights = np.array([math.comb(i - 1, N - 1) for i in range(1, M + 1)], float) / math.comb(M, N)
+    out = np.empty(P)
+    for k in range(P):
+        order = np.argsort(reward[k], kind="stable")
+        r, s = reward[k][order], score[k][order].copy()
+        for value in np.unique(r):
+            tied = r == value
+            s[tied] = s[tied].mean()
+        out[k] = weights @ s
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 5. The real-model experiment: demonstrations, golden criterion, SFT
+# --------------------------------------------------------------------------------------------
+
+TERMINAL = (".", "!", "?")
+MAX_WORDS = 12
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One prompt with the project's demonstration (``completion``) and its accepted answers."""
+
+    id: str
+    category: str
+    prompt: str
+    completion: str
+    answers: tuple[str, ...]
+
+
+def load_demonstrations(path=None) -> list[Demonstration]:
+    """The shipped demonstration set (``prefdyn/demonstration_data/demonstrations.jsonl``; TRL's
+    prompt-completion format plus ``id``, ``category`` and ``answers``), or a JSONL file at ``path``."""
+    text = (resources.files("prefdyn") / "demonstration_data" / "demonstrations.jsonl").read_text("utf-8") \
+        if path is None else open(path, encoding="utf-8").read()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Demonstration(r["id"], r["category"], r["prompt"], r["completion"], tuple(r["answers"])) for r in rows]
+
+
+def golden_components(response: str, answers: Sequence[str], max_words: int = MAX_WORDS) -> dict[str, bool]:
+    """The three checks of the golden criterion (see :func:`golden_score`)."""
+    text = response.strip()
+    lower = text.lower()
+    return {
+        "correct": any(re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", lower) for a in answers),
+        "complete": text.endswith(TERMINAL),
+        "concise": 0 < len(text.split()) <= max_words,
+    }
+
+
+def golden_score(response: str, answers: Sequence[str], max_words: int = MAX_WORDS) -> float:
+    """The project's golden criterion, in ``{0, 1/3, 2/3, 1}``: the mean of three checks.
+
+    * ``correct``: an accepted answer occurs as a whole word (case-insensitive);
+    * ``complete``: the response ends with ``.``, ``!`` or ``?`` (it stopped by itself at the end of
+      a sentence, not at the token budget);
+    * ``concise``: it has between 1 and ``max_words`` words.
+
+    Every shipped demonstration scores 1. It stands in for the paper's golden reward model.
+    """
+    c = golden_components(response, answers, max_words)
+    return (c["correct"] + c["complete"] + c["concise"]) / 3
+
+
+def sft_train(policy: Policy, prompts: Sequence[str], completions: Sequence[str], *, steps: int, batch_size: int,
+              lr: float, seed: int) -> list[float]:
+    """Supervised fine-tuning: AdamW on the mean per-token NLL (:func:`objectives.sft_nll`) of the
+    completions, in place, over the trainable weights (see :func:`prefdyn.training.train_only_top_blocks`).
+
+    ``prompts`` are chat-templated; ``completions`` should end with the end-of-turn token so the
+    policy learns to stop. Batches follow a seeded permutation, epoch after epoch. Returns the
+    batch loss of every step.
+    """
+    if steps < 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"need steps >= 0, batch_size > 0, lr > 0 (got {steps}, {batch_size}, {lr})")
+    model, device = policy.model, policy.device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(prompts), generator=generator).tolist()
+        index, order = order[:batch_size], order[batch_size:]
+        batch = encode(policy.tokenizer, [prompts[i] for i in index], [completions[i] for i in index]).to(device)
+        n_tokens = (batch.labels != -100).sum(-1)
+        loss = objectives.sft_nll(sequence_logps(model, batch), n_tokens).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def per_token_nll(policy: Policy, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> Tensor:
+    """Mean per-token ``-log pi`` of each completion (the SFT loss per example), on CPU."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = encode(policy.tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size]).to(policy.device)
+        n_tokens = (batch.labels != -100).sum(-1)
+        out.append(objectives.sft_nll(sequence_logps(policy.model, batch), n_tokens).cpu())
+    return torch.cat(out)

@@ -1,0 +1,227 @@
+"""Every formula of prefdyn.demonstrations against an independent computation."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prefdyn import demonstrations as afd
+from prefdyn import tabular
+
+
+@pytest.fixture
+def tree():
+    return afd.TokenTree(n_words=2, T=3)
+
+
+def _sample_response(tree, logits, gen):
+    """Ancestral sampling from the tabular policy, token by token (independent of the enumeration)."""
+    index = {s: i for i, s in enumerate(tree.states)}
+    prefix = ()
+    while True:
+        probs = torch.softmax(logits[index[prefix]], -1)
+        a = int(torch.multinomial(probs, 1, generator=gen))
+        if a == tree.eos:
+            return prefix + (a,)
+        prefix = prefix + (a,)
+        if len(prefix) == tree.T:
+            return prefix
+
+
+def test_tree_enumerates_a_distribution(tree):
+    # 1 + 2 + 4 ended responses and 8 cut off at T = 3
+    assert len(tree.responses) == 15 and len(tree.states) == 7
+    logits = tree.random_logits(torch.Generator().manual_seed(0))
+    assert afd.trajectory_logprobs(tree, logits).exp().sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_trajectory_probabilities_match_sampling(tree):
+    gen = torch.Generator().manual_seed(1)
+    logits = tree.random_logits(gen)
+    counts = {y: 0 for y in tree.responses}
+    n = 20000
+    for _ in range(n):
+        counts[_sample_response(tree, logits, gen)] += 1
+    freq = torch.tensor([counts[y] / n for y in tree.responses], dtype=torch.float64)
+    exact = afd.trajectory_logprobs(tree, logits).exp()
+    assert (freq - exact).abs().max().item() < 4 * math.sqrt(0.25 / n)
+
+
+def test_occupancy_is_the_mass_of_responses_through_the_prefix(tree):
+    logits = tree.random_logits(torch.Generator().manual_seed(2))
+    d = afd.trajectory_logprobs(tree, logits).exp()
+    rho = afd.state_occupancy(tree, logits)
+    for i, s in enumerate(tree.states):
+        through = sum(d[j] for j, y in enumerate(tree.responses) if y[:len(s)] == s and len(y) > len(s))
+        assert rho[i].item() == pytest.approx(float(through), abs=1e-12)
+
+
+def test_forward_kl_three_ways_agree_and_gradients_match(tree):
+    gen = torch.Generator().manual_seed(3)
+    beta, pi = tree.random_logits(gen), tree.random_logits(gen).requires_grad_(True)
+    kl = afd.forward_kl_three_ways(tree, beta, pi)
+    assert kl["trajectory"].item() > 0
+    assert kl["occupancy"].item() == pytest.approx(kl["trajectory"].item(), abs=1e-12)
+    assert kl["sft"].item() == pytest.approx(kl["trajectory"].item(), abs=1e-12)
+    g_kl, = torch.autograd.grad(kl["trajectory"], pi, retain_graph=True)
+    g_nll, = torch.autograd.grad(kl["sft_nll"], pi)
+    assert torch.allclose(g_kl, g_nll, atol=1e-12)
+    same = afd.forward_kl_three_ways(tree, beta, beta)
+    assert abs(same["trajectory"].item()) < 1e-12
+
+
+def test_gaussian_fits_forward_matches_moments_reverse_picks_a_mode():
+    x = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    log_p = afd.mixture_logpdf(x, [-2.0, 2.0], 0.5)
+    mean = torch.trapezoid(log_p.exp() * x, x).item()
+    var = torch.trapezoid(log_p.exp() * (x - mean) ** 2, x).item()
+    mu, sigma, _ = afd.fit_gaussian(log_p, x, "forward", 1.0, 1.0)
+    assert mu == pytest.approx(mean, abs=1e-6) and sigma == pytest.approx(math.sqrt(var), abs=1e-6)
+    assert var == pytest.approx(0.25 + 4.0, abs=1e-8)
+    mu, sigma, value = afd.fit_gaussian(log_p, x, "reverse", 1.0, 1.0)
+    assert abs(mu - 2) < 1e-2 and abs(sigma - 0.5) < 1e-2
+    assert math.log(2) - 1e-3 < value <= math.log(2) + 1e-9
+    with pytest.raises(ValueError):
+        afd.fit_gaussian(log_p, x, "sideways", 0.0, 1.0)
+
+
+def test_population_logistic_on_one_hot_is_the_log_ratio():
+    gen = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(10, generator=gen, dtype=torch.float64), 0)
+    q = torch.softmax(torch.randn(10, generator=gen, dtype=torch.float64), 0)
+    eye = torch.eye(10, dtype=torch.float64)
+    model = afd.fit_logistic(eye, eye, pos_weight=p, neg_weight=q, standardize=False)
+    assert torch.allclose(model.logit(eye), p.log() - q.log(), atol=1e-6)
+
+
+def test_logistic_matches_lda_for_gaussian_classes():
+    # equal-covariance Gaussians: the Bayes logit is linear, w = S^{-1}(m1 - m0)
+    rng = np.random.default_rng(0)
+    m0, m1, n = np.array([0.0, 0.0]), np.array([1.0, -0.5]), 200_000
+    pos = torch.tensor(rng.normal(size=(n, 2)) + m1)
+    neg = torch.tensor(rng.normal(size=(n, 2)) + m0)
+    model = afd.fit_logistic(pos, neg, standardize=False)
+    assert torch.allclose(model.weight, torch.tensor(m1 - m0), atol=0.02)
+    assert model.bias.item() == pytest.approx(-(m1 @ m1 - m0 @ m0) / 2, abs=0.02)
+    assert afd.classification_accuracy(model, pos, neg) > 0.6
+
+
+def test_extrapolation_is_the_rlhf_optimum_with_log_ratio_reward():
+    gen = torch.Generator().manual_seed(5)
+    log_sft = torch.log_softmax(torch.randn(12, generator=gen, dtype=torch.float64), 0)
+    log_init = torch.log_softmax(torch.randn(12, generator=gen, dtype=torch.float64), 0)
+    for lam in (0.5, 1.0, 3.0):
+        via_rlhf = tabular.rlhf_optimum(log_sft, log_sft - log_init, beta=1 / lam)
+        assert torch.allclose(afd.extrapolate(log_sft, log_init, lam), via_rlhf, atol=1e-12)
+    assert torch.allclose(afd.extrapolate(log_sft, log_init, 0.0), log_sft, atol=1e-12)
+
+
+def _bon_by_enumeration(p, r, N):
+    """Sum over all N-tuples, uniform tie-breaking among the tuple's maximisers."""
+    K = len(p)
+    out = np.zeros(K)
+    for tup in itertools.product(range(K), repeat=N):
+        prob = np.prod([p[i] for i in tup])
+        best = max(r[i] for i in tup)
+        winners = [i for i in tup if r[i] == best]
+        for i in winners:
+            out[i] += prob / len(winners)
+    return out
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+def test_best_of_n_pmf_matches_enumeration_with_and_without_ties(N):
+    rng = np.random.default_rng(N)
+    p = rng.dirichlet(np.ones(6))
+    for r in (rng.normal(size=6), np.array([0.0, 1.0, 1.0, 2.0, 0.0, 2.0])):
+        exact = afd.best_of_n_distribution(torch.tensor(np.log(p)), torch.tensor(r), N).numpy()
+        assert np.allclose(exact, _bon_by_enumeration(p, r, N), atol=1e-12)
+        assert exact.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bon_kl_bound_holds_and_is_tight_without_ties():
+    rng = np.random.default_rng(7)
+    for N in (1, 2, 4, 16, 64):
+        # many equal atoms: KL tends to the bound; coarse atoms with ties: strictly below it
+        K = 200_000
+        log_p = torch.full((K,), -math.log(K), dtype=torch.float64)
+        bon = afd.best_of_n_distribution(log_p, torch.arange(K, dtype=torch.float64), N)
+        kl = (torch.special.xlogy(bon, bon) - bon * log_p).sum().item()
+        assert kl <= afd.bon_kl_bound(N) + 1e-9 and kl == pytest.approx(afd.bon_kl_bound(N), abs=2e-3)
+        p = torch.tensor(rng.dirichlet(np.ones(5)))
+        bon = afd.best_of_n_distribution(p.log(), torch.tensor([0.0, 0, 1, 1, 2]), N)
+        kl = (torch.special.xlogy(bon, bon) - bon * p.log()).sum().item()
+        assert kl <= afd.bon_kl_bound(N) + 1e-12
+    assert afd.bon_kl_bound(1) == 0.0
+
+
+def test_expected_best_of_n_is_the_average_over_subsets():
+    rng = np.random.default_rng(8)
+    M = 7
+    reward = np.round(rng.normal(size=(3, M)), 0)  # rounding makes ties
+    score = rng.normal(size=(3, M))
+    for N in range(1, M + 1):
+        est = afd.expected_best_of_n(reward, score, N)
+        for k in range(3):
+            vals = []
+            for sub in itertools.combinations(range(M), N):
+                best = max(reward[k, sub])
+                vals.append(np.mean([score[k, i] for i in sub if reward[k, i] == best]))
+            assert est[k] == pytest.approx(np.mean(vals), abs=1e-12)
+    assert np.allclose(afd.expected_best_of_n(reward, score, 1), score.mean(1))
+    with pytest.raises(ValueError):
+        afd.expected_best_of_n(reward, score, M + 1)
+
+
+def test_pool_estimator_is_unbiased_for_the_exact_bon_mean():
+    rng = np.random.default_rng(9)
+    p = rng.dirichlet(np.ones(8))
+    r, g = rng.normal(size=8), rng.normal(size=8)
+    N, M, R = 3, 6, 40_000
+    exact = afd.best_of_n_distribution(torch.tensor(np.log(p)), torch.tensor(r), N).numpy() @ g
+    draws = rng.choice(8, size=(R, M), p=p)
+    est = afd.expected_best_of_n(r[draws], g[draws], N)
+    assert abs(est.mean() - exact) < 4 * est.std() / math.sqrt(R)
+
+
+def test_golden_criterion():
+    assert afd.golden_score("The capital of France is Paris.", ["Paris"]) == 1.0
+    assert afd.golden_components("Paris is lovely and", ["Paris"]) == {"correct": True, "complete": False, "concise": True}
+    assert afd.golden_score("It is 120.", ["12", "twelve"]) == pytest.approx(2 / 3)
+    assert afd.golden_score(" ".join(["word"] * 13) + ".", ["cold"]) == pytest.approx(1 / 3)
+    assert afd.golden_score("", ["x"]) == 0.0
+
+
+def test_shipped_demonstrations_all_satisfy_the_criterion():
+    demos = afd.load_demonstrations()
+    assert len(demos) >= 64 and len({d.id for d in demos}) == len(demos)
+    for d in demos:
+        assert afd.golden_score(d.completion, d.answers) == 1.0, d
+        assert afd.golden_components(d.prompt, d.answers)["correct"] is False, d  # the answer is not in the question
+
+
+@pytest.mark.slow
+def test_per_token_nll_and_a_short_sft_run_on_the_real_model(smol):
+    from prefdyn import models, training
+
+    tok = smol.tokenizer
+    demos = afd.load_demonstrations()[:4]
+    prompts = [models.chat_prompt(tok, d.prompt) for d in demos]
+    completions = [d.completion + tok.eos_token for d in demos]
+    nll = afd.per_token_nll(smol, prompts, completions)
+    logps = models.response_logps(smol, prompts, completions)
+    n_tokens = torch.tensor([len(tok.encode(c, add_special_tokens=False)) for c in completions])
+    assert torch.allclose(nll, -logps / n_tokens, atol=1e-5)
+    saved = {k: v.detach().clone() for k, v in smol.model.named_parameters()}
+    try:
+        training.train_only_top_blocks(smol.model, 1)
+        losses = afd.sft_train(smol, prompts, completions, steps=4, batch_size=4, lr=3e-4, seed=0)
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        assert afd.per_token_nll(smol, prompts, completions).mean() < nll.mean()
+    finally:
+        with torch.no_grad():
+            for k, p in smol.model.named_parameters():
+                p.copy_(saved[k])
+        smol.model.requires_grad_(True)
+        smol.model.eval()
