@@ -48,6 +48,17 @@ def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(smol, tmp_pa
 
     monkeypatch.setattr(models, "last_token_states", must_not_run)
     assert torch.equal(models.embeddings(smol, texts, cache=tmp_path), emb[:2])
+    monkeypatch.undo()
+    # once the weights change (training), the cached features of the old weights are not served
+    norm = smol.model.model.norm.weight
+    with torch.no_grad():
+        norm.mul_(2.0)
+        try:
+            changed = models.embeddings(smol, texts, cache=tmp_path)
+        finally:
+            norm.div_(2.0)
+    assert torch.allclose(changed, 2 * emb[:2], rtol=1e-4, atol=1e-5)
+    assert torch.equal(models.embeddings(smol, texts, cache=tmp_path), emb[:2])
 
 
 def test_single_token_answers(smol):

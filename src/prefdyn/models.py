@@ -61,6 +61,15 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of every parameter and buffer, in ``state_dict`` order."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def packaged_gguf(spec: str) -> Path:
     """Locate a model file shipped inside a PyPI package without importing the package."""
     package, filename, install, _ = PACKAGED_MODELS[spec]
@@ -319,13 +328,15 @@ def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size
                cache: Path | None = None, progress: bool = False) -> torch.Tensor:
     """Last-token hidden states of ``texts`` at ``layer``, shape ``(len(texts), hidden)``.
 
-    Results are cached on disk per (model fingerprint, layer), keyed by the SHA-256 of each text,
-    in a safetensors file (never pickle) replaced atomically. ``layer=-1`` is the final hidden
+    Results are cached on disk per (model fingerprint, current weights, layer), keyed by the
+    SHA-256 of each text, in a safetensors file (never pickle) replaced atomically; a policy
+    trained in the notebook therefore never reads the features of its initial weights. ``layer=-1`` is the final hidden
     state after the model's last norm, so ``lm_head(embeddings)`` gives the next-token logits.
     """
     from safetensors.torch import load_file, save
 
-    path = (cache or cache_dir() / "embeddings") / f"{policy.fingerprint}-layer{layer}.safetensors"
+    path = (cache or cache_dir() / "embeddings") / \
+        f"{policy.fingerprint}-{weights_digest(policy.model)}-layer{layer}.safetensors"
     keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
     stored: dict[bytes, torch.Tensor] = {}
     if path.is_file():

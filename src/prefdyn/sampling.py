@@ -2,8 +2,8 @@
 
 Chapters that sample candidates from the current policy (on-policy IPO/DPO, Best-of-N) call
 :func:`sample_responses`. The cache key covers everything the samples depend on: the model's
-identity *and its current weights* (:func:`weights_digest`, so a policy trained in the notebook
-gets new samples), the prompts, the number of samples, the decoding settings and the seed.
+identity *and its current weights* (:func:`prefdyn.models.weights_digest`, so a policy trained
+in the notebook gets new samples), the prompts, the number of samples, the decoding settings and the seed.
 Samples are stored as JSON (never pickle) and written atomically.
 """
 from __future__ import annotations
@@ -16,17 +16,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .models import Policy
+from .models import Policy, weights_digest
 from .store import atomic_write_json, cache_dir
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of every parameter and buffer, in ``state_dict`` order."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
