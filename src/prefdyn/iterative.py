@@ -1,0 +1,549 @@
+r"""Iterative on-policy IPO and DPO: the sampler and the reference fed back from the policy.
+
+The setting of Chen, He, Jordan & Yao (2026), "How Sampling Shapes LLM Alignment: From One-Shot
+Optima to Iterative Dynamics", arXiv:2602.12180, as this book reconstructs it (the chapter
+``ch04-ipo-sampling-iterative`` derives every formula and says which parts are reconstructions).
+One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P`` with
+``P + P^T = 1`` (not necessarily Bradley–Terry), and the paper's notation ``beta = 1/tau`` for IPO.
+
+* One-shot IPO optimum (Azar et al. 2023): ``pi* = softmax(log pi_ref + beta P mu)``, i.e.
+  :func:`prefdyn.tabular.ipo_optimum` with ``tau = 1/beta``.
+* The iterated map (the paper's MRS-IPO): the reference is the geometric mixture
+  ``pi_ref_t ∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler the linear mixture
+  ``mu_t = lam pi_t + (1 - lam) mu0``; then ``pi_{t+1}`` is the IPO optimum for that pair,
+
+      log pi_{t+1} = log_softmax(alpha log pi_t + (1-alpha) log pi_ref + beta P mu_t).   (eq. MAP)
+
+* Cyclic preferences ``P = 1/2 11^T + a C`` (``C`` the 3-cycle): the uniform policy is a fixed
+  point whose linearisation has eigenvalues ``alpha ± i a beta lam / sqrt 3``
+  (:func:`ipo_oscillation_index`); DPO's has ``alpha ± i 4 a lam / (sqrt 3 beta)``
+  (:func:`dpo_oscillation_index`).
+* Contraction (any ``P``): ``alpha + beta lam ||P - 11^T/2||_2 / 2 < 1`` (:func:`contraction_factor`).
+* Collapse (strictly strongly transitive ``P``): log-odds of the top response grow by at least
+  ``beta * delta_j`` per round at ``alpha = 1`` (:func:`transitivity_margins`), and the entropy is
+  bounded by :func:`entropy_upper_bound`.
+
+The last section holds the real-model side: candidate log-probabilities of single-token answers,
+the mapping of sampled texts to candidates, oracle-labelled pair counts and the sampled pair loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import objectives, tabular
+
+__all__ = [
+    "cyclic_preferences", "mrs_ipo_step", "mrs_dpo_step", "dpo_optimum", "minimise_newton", "iterate",
+    "fixed_point", "quotient_jacobian", "spectral_radius", "ipo_oscillation_index", "dpo_oscillation_index",
+    "contraction_factor", "entropy", "oscillation_ratio", "transitivity_margins", "is_strongly_transitive",
+    "entropy_upper_bound", "logit_gaps", "candidate_logps", "assign_candidates", "pair_counts",
+    "pair_table_loss", "ranking_accuracy", "total_variation", "FrozenPrefix", "warm_start", "on_policy_rounds", "load_prompts",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Preferences
+# --------------------------------------------------------------------------------------------------
+
+def cyclic_preferences(a: float, K: int = 3, dtype=torch.float64) -> Tensor:
+    """``P = 11^T/2 + a C`` with ``C[i, i+1 mod K] = 1``, ``C[i+1 mod K, i] = -1`` (response ``i``
+    beats ``i+1`` with probability ``1/2 + a``): rock–paper–scissors for ``K = 3``."""
+    if not 0 <= a <= 0.5:
+        raise ValueError(f"a={a} must lie in [0, 1/2] so that P is a probability")
+    C = torch.zeros(K, K, dtype=dtype)
+    for i in range(K):
+        C[i, (i + 1) % K] += 1.0
+        C[(i + 1) % K, i] -= 1.0
+    return 0.5 + a * C
+
+
+def is_strongly_transitive(P: Tensor, order: Sequence[int], strict: bool = False) -> bool:
+    """Row dominance along ``order`` (best first): ``P[i, k] >= P[j, k]`` for all ``k`` whenever ``i``
+    precedes ``j`` (``>`` when ``strict``)."""
+    order = list(order)
+    diff = P[order[:-1]] - P[order[1:]]      # adjacent rows suffice: dominance is transitive
+    return bool((diff > 0).all()) if strict else bool((diff >= 0).all())
+
+
+def transitivity_margins(P: Tensor, top: int) -> Tensor:
+    """``delta_j = min_k (P[top, k] - P[j, k])`` for every ``j`` (``delta_top = 0``): the smallest
+    advantage of the top response's row over row ``j``; all positive iff ``top`` strictly
+    row-dominates every other response."""
+    return (P[top][None, :] - P).min(dim=-1).values
+
+
+def logit_gaps(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float) -> Tensor:
+    """``G[i, j] = log pi*(i)/pi*(j) = log pi_ref(i)/pi_ref(j) + beta <mu, P[i] - P[j]>`` for the
+    one-shot IPO optimum: the sampler enters every gap linearly, through ``<mu, d^{ij}>``."""
+    s = P @ mu
+    return (log_pi_ref[:, None] - log_pi_ref[None, :]) + beta * (s[:, None] - s[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# One-shot optima and the iterated maps
+# --------------------------------------------------------------------------------------------------
+
+def _mixtures(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, alpha: float, lam: float) -> tuple[Tensor, Tensor]:
+    a, l = torch.as_tensor(alpha), torch.as_tensor(lam)
+    if not (0 <= a.min() and a.max() <= 1 and 0 <= l.min() and l.max() <= 1):
+        raise ValueError(f"alpha={alpha} and lam={lam} must lie in [0, 1]")
+    ref = F.log_softmax(alpha * log_pi + (1 - alpha) * log_pi_ref, dim=-1)   # pi_t^alpha pi_ref^(1-alpha), normalised
+    mu = lam * log_pi.exp() + (1 - lam) * mu0
+    return ref, mu
+
+
+def mrs_ipo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha: float, beta: float,
+                 lam: float) -> Tensor:
+    """One round of iterated IPO, (eq. MAP): the population IPO optimum
+    (:func:`prefdyn.tabular.ipo_optimum`, ``tau = 1/beta``) for the reference
+    ``∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler ``lam pi_t + (1-lam) mu0``."""
+    ref, mu = _mixtures(log_pi, log_pi_ref, mu0, alpha, lam)
+    return tabular.ipo_optimum(ref, P, mu, tau=1.0 / beta)
+
+
+def minimise_newton(loss_fn: Callable[[Tensor], Tensor], logits0: Tensor, iters: int = 50,
+                    tol: float = 1e-13) -> Tensor:
+    """Minimise a convex loss of one prompt's logits ``(K,)`` by damped Newton steps with the
+    pseudo-inverse of the Hessian, in float64.
+
+    The losses here depend on logits only through differences, so the Hessian is singular (the
+    shift ``1`` and any response no pair touches). With the pseudo-inverse, a step never moves
+    along that null space: the iterates converge to the point gradient descent started at
+    ``logits0`` converges to (for a quadratic, in one step), which is what a model trained from
+    its current state does to responses it never sees. Backtracking halves the step until the
+    loss does not increase.
+    """
+    x = logits0.detach().to(torch.float64).clone()
+    f = loss_fn(x)
+    for _ in range(iters):
+        g = torch.autograd.functional.jacobian(loss_fn, x)
+        if g.abs().max() < tol:
+            break
+        H = torch.autograd.functional.hessian(loss_fn, x)
+        step = -torch.linalg.pinv(H, hermitian=True, rtol=1e-10) @ g
+        t = 1.0
+        while t > 1e-8:
+            x_new = x + t * step
+            f_new = loss_fn(x_new)
+            if f_new <= f + 1e-15:
+                break
+            t /= 2
+        x, f = x_new, f_new
+    return x
+
+
+def dpo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float, iters: int = 100,
+                tol: float = 1e-13) -> Tensor:
+    """``log pi*`` minimising the population DPO loss (:func:`prefdyn.tabular.population_dpo_loss`)
+    for any ``P`` and full-support ``mu``; leading batch dimensions allowed (``(..., K)``).
+
+    With ``g = log pi/pi_ref`` and ``s_ij = sigma(beta (g_i - g_j))`` the loss
+    ``-sum mu_i mu_j P_ij log s_ij`` has gradient ``beta mu_i sum_j mu_j (s_ij - P_ij)`` and Hessian
+    ``beta^2 (diag(mu * (S mu)) - diag(mu) S diag(mu))``, ``S_ij = s_ij (1 - s_ij)``: a weighted graph
+    Laplacian, singular along ``1`` (and along responses with ``mu_i = 0``). Damped Newton steps (halved until the loss does not
+    increase) from ``g = 0`` solve the first-order condition
+    ``sum_j mu_j sigma(beta (g_i - g_j)) = (P mu)_i``; for Bradley–Terry ``P`` it is ``g = r/beta + c``
+    whatever ``mu`` is.
+    """
+    _check = torch.broadcast_shapes(log_pi_ref.shape, mu.shape)
+    g = torch.zeros(_check, dtype=torch.float64)
+    mu = mu.to(torch.float64).expand(_check)
+    P = P.to(torch.float64)
+
+    def loss(g):
+        h = beta * (g[..., :, None] - g[..., None, :])
+        return -(mu[..., :, None] * mu[..., None, :] * P * F.logsigmoid(h)).sum((-2, -1))
+
+    f = loss(g)
+    for _ in range(iters):
+        s = torch.sigmoid(beta * (g[..., :, None] - g[..., None, :]))
+        grad = beta * mu * ((s - P) * mu[..., None, :]).sum(-1)
+        if grad.abs().max() < tol:
+            break
+        S = s * (1 - s)
+        H = beta ** 2 * (torch.diag_embed(mu * (S * mu[..., None, :]).sum(-1)) - mu[..., :, None] * S * mu[..., None, :])
+        # pseudo-inverse: the shift 1 and responses mu never samples (mu_i -> 0) stay where they are
+        step = (torch.linalg.pinv(H, hermitian=True, rtol=1e-12) @ -grad.unsqueeze(-1)).squeeze(-1)
+        t = torch.ones(g.shape[:-1] + (1,), dtype=torch.float64)
+        for _ in range(40):                       # per-element backtracking
+            f_new = loss(g + t * step)
+            bad = (f_new > f + 1e-15).unsqueeze(-1)
+            if not bad.any():
+                break
+            t = torch.where(bad, t / 2, t)
+        g = g + t * step
+        f = loss(g)
+    return F.log_softmax(log_pi_ref + g, dim=-1)
+
+
+def mrs_dpo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha: float, beta: float,
+                 lam: float) -> Tensor:
+    """One round of iterated DPO: :func:`dpo_optimum` for the mixed reference and sampler of
+    :func:`mrs_ipo_step` (``beta`` is DPO's beta here)."""
+    ref, mu = _mixtures(log_pi, log_pi_ref, mu0, alpha, lam)
+    return dpo_optimum(ref, P, mu, beta)
+
+
+def iterate(step: Callable[..., Tensor], log_pi0: Tensor, rounds: int, *, log_pi_ref: Tensor | None = None,
+            mu0: Tensor | None = None, **params) -> Tensor:
+    """The trajectory ``log pi_0, ..., log pi_rounds`` (shape ``(rounds+1, K)``) of ``step``
+    (:func:`mrs_ipo_step` or :func:`mrs_dpo_step`) started at ``log_pi0``; the fixed reference and
+    the offline sampler default to the initial policy, ``pi_ref = mu0 = pi_0``."""
+    log_pi_ref = log_pi0 if log_pi_ref is None else log_pi_ref
+    mu0 = log_pi0.exp() if mu0 is None else mu0
+    out = [log_pi0]
+    for _ in range(rounds):
+        out.append(step(out[-1], log_pi_ref, mu0, **params))
+    return torch.stack(out)
+
+
+def fixed_point(log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha, beta: float, lam: float,
+                damping: float | None = None, iters: int = 20000, tol: float = 1e-12) -> Tensor:
+    r"""The fixed point of (eq. MAP) for ``alpha < 1``, i.e. the solution of
+
+        pi = softmax(log pi_ref + beta/(1-alpha) P (lam pi + (1-lam) mu0)),
+
+    found by damped iteration of the map in logit space (``z <- (1-eta) z + eta F(z)``), which has
+    the same fixed points. ``alpha`` may be a tensor of shape ``(..., 1)`` (one fixed point per
+    entry). The Jacobian of the map at any point has eigenvalues ``alpha + i y`` on the zero-sum
+    plane with ``|y| <= beta lam ||P - 11^T/2||_2 / 2`` (``P - 11^T/2`` is antisymmetric, so
+    ``(P - 11^T/2)(diag pi - pi pi^T)`` has an imaginary spectrum), and the damped eigenvalue
+    ``1 - eta (1 - alpha - i y)`` has modulus below 1 when ``eta < 2(1-alpha)/((1-alpha)^2 + y^2)``;
+    the default ``eta`` is half that bound (at most 1), so the fixed point is attracting."""
+    al = torch.as_tensor(alpha, dtype=log_pi_ref.dtype)
+    if not bool((al < 1).all()):
+        raise ValueError("alpha must be below 1: at alpha = 1 the map has no interior fixed point in general")
+    if damping is None:
+        y = beta * lam * torch.linalg.matrix_norm(P - 0.5, ord=2) / 2
+        damping = (1 - al) / ((1 - al) ** 2 + y ** 2)
+        damping = torch.clamp(damping, max=1.0)
+    z = log_pi_ref.clone()
+    for _ in range(iters):
+        z_new = F.log_softmax((1 - damping) * z + damping * mrs_ipo_step(z, log_pi_ref, mu0, P, al, beta, lam), -1)
+        if (z_new - z).abs().max() < tol:
+            return z_new
+        z = z_new
+    return z
+
+
+def _centring_basis(K: int, dtype=torch.float64) -> Tensor:
+    """Orthonormal basis ``B`` (``K x (K-1)``) of the vectors summing to zero."""
+    Q = torch.eye(K, dtype=dtype) - 1.0 / K
+    U, _, _ = torch.linalg.svd(Q)
+    return U[:, :K - 1]
+
+
+def quotient_jacobian(log_pi: Tensor, P: Tensor, alpha: float, beta: float, lam: float) -> Tensor:
+    r"""Jacobian of (eq. MAP) at ``pi`` on logits modulo constants, ``(K-1) x (K-1)``.
+
+    In logits ``z`` (``pi = softmax z``) the map is ``z' = alpha z + beta lam P softmax(z) + const``,
+    so ``dz'/dz = alpha I + beta lam P (diag pi - pi pi^T)``; it sends ``1`` to ``alpha 1`` (a shift
+    of the logits is no change of policy), and the induced map on ``R^K / 1`` is ``B^T J B``."""
+    pi = log_pi.exp()
+    K = pi.shape[-1]
+    J = alpha * torch.eye(K, dtype=pi.dtype) + beta * lam * P @ (torch.diag(pi) - torch.outer(pi, pi))
+    B = _centring_basis(K, pi.dtype)
+    return B.T @ J @ B
+
+
+def spectral_radius(M: Tensor) -> float:
+    """Largest eigenvalue modulus of a square matrix."""
+    return torch.linalg.eigvals(M).abs().max().item()
+
+
+def ipo_oscillation_index(alpha, a, beta_lam):
+    """``alpha^2 + a^2 (beta lam)^2 / 3``: the squared modulus of the eigenvalues
+    ``alpha ± i a beta lam / sqrt 3`` of iterated IPO at the uniform policy for 3-cycle preferences
+    (:func:`cyclic_preferences`) and a uniform reference; above 1 the uniform policy is unstable and
+    the policy oscillates. Works elementwise on NumPy arrays."""
+    return np.asarray(alpha) ** 2 + np.asarray(a) ** 2 * np.asarray(beta_lam) ** 2 / 3.0
+
+
+def dpo_oscillation_index(alpha, a, lam_over_beta):
+    """``alpha^2 + 16 a^2 (lam/beta)^2 / 3``: the same for iterated DPO (``beta`` DPO's), whose
+    linearisation at the uniform policy is IPO's with ``beta_IPO = 4 / beta_DPO``."""
+    return np.asarray(alpha) ** 2 + 16.0 * np.asarray(a) ** 2 * np.asarray(lam_over_beta) ** 2 / 3.0
+
+
+def contraction_factor(alpha: float, beta: float, lam: float, P: Tensor) -> float:
+    """``alpha + beta lam ||P - 11^T/2||_2 / 2``: a Lipschitz constant of (eq. MAP) on logits modulo
+    constants; below 1 the map is a contraction (unique fixed point, global convergence)."""
+    A = P - 0.5
+    return alpha + beta * lam * torch.linalg.matrix_norm(A, ord=2).item() / 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+def entropy(log_pi: Tensor) -> Tensor:
+    """Shannon entropy ``-sum pi log pi`` in nats over the last axis (``0 log 0 = 0``)."""
+    pi = log_pi.exp()
+    return -(torch.where(pi > 0, pi * log_pi, torch.zeros_like(pi))).sum(-1)
+
+
+def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``TV(p, q) = sum |p - q| / 2`` over the last axis."""
+    return (log_p.exp() - log_q.exp()).abs().sum(-1) / 2
+
+
+def oscillation_ratio(traj: Tensor, centre: Tensor, floor: float = 1e-10) -> float:
+    """``max_{t in last quarter} ||pi_t - c|| / max_{t in second quarter} ||pi_t - c||`` for a
+    trajectory of log-policies: below 1 when the orbit contracts to ``c``, about 1 or more when it
+    grows or keeps oscillating. ``c`` is the fixed point under test. An orbit whose last quarter
+    stays within ``floor`` of ``c`` has converged (to round-off, where the ratio of two round-off
+    errors means nothing) and gets ratio 0."""
+    dev = (traj.exp() - centre.exp()).norm(dim=-1)
+    T = len(traj)
+    mid, tail = dev[T // 4: T // 2], dev[3 * T // 4:]
+    if tail.max() < floor:
+        return 0.0
+    return (tail.max() / mid.max().clamp_min(1e-300)).item()
+
+
+def entropy_upper_bound(log_odds: Tensor) -> Tensor:
+    """Upper bound on ``H(pi)`` from lower bounds ``L_j <= log pi(top)/pi(j)`` on the log-odds of the
+    top response against the ``K-1`` others (last axis, without the top itself).
+
+    ``eps = 1 - pi(top) = sum_j pi(j) <= sum_j pi(j)/pi(top) <= sum_j e^{-L_j}``, and grouping the
+    non-top responses gives ``H <= h(eps) + eps log(K-1)`` (``h`` the binary entropy), which
+    increases in ``eps`` for ``eps <= 1/2``; above that the bound is ``log K``."""
+    K = log_odds.shape[-1] + 1
+    eps = torch.exp(-log_odds).sum(-1)
+    e = eps.clamp(max=0.5)
+    h = -(e * torch.log(e.clamp_min(1e-300)) + (1 - e) * torch.log1p(-e))
+    bound = h + e * math.log(K - 1) if K > 2 else h
+    return torch.where(eps <= 0.5, bound, torch.full_like(bound, math.log(K)))
+
+
+def ranking_accuracy(log_pi: Tensor, P: Tensor) -> Tensor:
+    """Fraction of the pairs with ``P[i, j] > 1/2`` that the policy orders the same way,
+    ``pi(i) > pi(j)`` (last axis; ties count as wrong)."""
+    wins = (P > 0.5)
+    agree = (log_pi[..., :, None] > log_pi[..., None, :]) & wins
+    return agree.sum((-2, -1)).to(torch.float64) / wins.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# The real model: single-token candidates, sampled pairs, oracle labels
+# --------------------------------------------------------------------------------------------------
+
+def load_prompts(task: str) -> list[str]:
+    """The shipped prompts of ``task`` (``"rps"`` or ``"digits"``), ``iterative_data/prompts.jsonl``."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("iterative_data") / "prompts.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = [r["prompt"] for r in rows if r["task"] == task]
+    if not out:
+        raise ValueError(f"no prompts for task {task!r}; tasks: {sorted({r['task'] for r in rows})}")
+    return out
+
+
+def _blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks: the model's longest ``ModuleList`` (as :func:`prefdyn.training.train_only_top_blocks`)."""
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+
+
+class FrozenPrefix:
+    """Hidden states entering the top ``n_blocks`` blocks for fixed prompts, computed once.
+
+    When only the top blocks are trained (:func:`prefdyn.training.train_only_top_blocks`), everything
+    below them is a fixed function of the prompt, so each training step need only run the top
+    blocks on these cached states: the same numbers (up to float round-off) at a fraction of the
+    cost. :meth:`last_states` is the final-norm hidden state of each prompt's last token, as
+    :func:`prefdyn.models.last_token_states` returns it.
+    """
+
+    def __init__(self, model, tokenizer, prompts: Sequence[str], n_blocks: int, device):
+        from .models import _pad_batch
+
+        rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids, mask = (t.to(device) for t in _pad_batch(tokenizer, rows))
+        n_layers = len(_blocks(model))
+        if not 0 < n_blocks < n_layers:
+            raise ValueError(f"n_blocks={n_blocks} must be between 1 and {n_layers - 1}")
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        self.states = out.hidden_states[n_layers - n_blocks].detach()   # input of block n_layers - n_blocks
+        self.mask, self.n_blocks = mask, n_blocks
+        self.last = mask.sum(1) - 1
+
+    def last_states(self, model) -> Tensor:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        saved = base.layers
+        base.layers = torch.nn.ModuleList(list(saved)[-self.n_blocks:])
+        try:
+            hidden = base(inputs_embeds=self.states, attention_mask=self.mask, use_cache=False).last_hidden_state
+        finally:
+            base.layers = saved
+        return hidden[torch.arange(len(self.last), device=hidden.device), self.last]
+
+
+def candidate_logps(model, tokenizer, prompts: Sequence[str], candidate_ids: Sequence[int], device,
+                    prefix: FrozenPrefix | None = None) -> Tensor:
+    """``log p_theta(first answer token = c_k | x)`` for every prompt and candidate token,
+    shape ``(len(prompts), K)``, from one forward pass over the prompts (differentiable): the LM
+    head applied to the last prompt token's state, as :func:`prefdyn.models.pair_logps` does
+    (with ``prefix``, only the top blocks run). ``log_softmax`` over the last axis gives the policy
+    restricted to the candidate set."""
+    from .models import last_token_states
+
+    states = prefix.last_states(model) if prefix is not None else last_token_states(model, tokenizer, prompts, device)
+    logps = model.get_output_embeddings()(states).float().log_softmax(-1)
+    return logps[:, torch.as_tensor(list(candidate_ids), device=logps.device)]
+
+
+def assign_candidates(tokenizer, texts: Sequence[str], candidate_ids: Sequence[int]) -> list[int]:
+    """Index of the candidate whose token a sampled text starts with (re-tokenised), else ``-1``.
+
+    Sampling a response and keeping those whose first token is a candidate is rejection sampling
+    from the restricted policy ``softmax(candidate_logps)``: the kept samples follow it exactly."""
+    index = {int(c): k for k, c in enumerate(candidate_ids)}
+    out = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        out.append(index.get(ids[0], -1) if ids else -1)
+    return out
+
+
+def pair_counts(samples: Sequence[Sequence[int]], P: Tensor, rng: np.random.Generator | None = None,
+                soft: bool = False) -> Tensor:
+    """Oracle-labelled comparisons among sampled candidates, as weights ``W[p, w, l]``.
+
+    For prompt ``p`` every unordered pair of kept samples ``(s, t)`` (indices ``>= 0``) is compared
+    once. With ``soft=False`` the oracle prefers ``s`` with probability ``P[c_s, c_t]`` (a draw from
+    ``rng``); with ``soft=True`` the pair counts ``P[c_s, c_t]`` as (s wins) and ``1 - P[c_s, c_t]``
+    as (t wins), the expected label (the limit of many annotators), which keeps the sampled loss's
+    minimiser finite for DPO. ``W`` sums these over pairs and divides by the number of pairs, so
+    that ``sum W * loss`` is the mean sampled loss; pairs of equal candidates carry no gradient and
+    only enter the denominator."""
+    K = P.shape[-1]
+    W = torch.zeros(len(samples), K, K, dtype=torch.float64)
+    Pn = P.detach().to(torch.float64).numpy()
+    for p, cands in enumerate(samples):
+        c = np.array([x for x in cands if x >= 0], dtype=int)
+        if len(c) < 2:
+            continue
+        s, t = np.triu_indices(len(c), k=1)
+        n_pairs = len(s)                     # equal pairs count in the denominator only
+        differ = c[s] != c[t]
+        s, t = s[differ], t[differ]
+        prob = Pn[c[s], c[t]]
+        if soft:
+            weight_first = prob
+        else:
+            if rng is None:
+                raise ValueError("hard labels need a random generator rng")
+            weight_first = (rng.random(len(s)) < prob).astype(float)
+        Wp = np.zeros((K, K))
+        np.add.at(Wp, (c[s], c[t]), weight_first)
+        np.add.at(Wp, (c[t], c[s]), 1.0 - weight_first)
+        W[p] = torch.from_numpy(Wp) / n_pairs
+    return W
+
+
+def pair_table_loss(log_pi: Tensor, log_pi_ref: Tensor, W: Tensor, loss: str, beta: float) -> Tensor:
+    """``sum_p sum_{w,l} W[p, w, l] * ell(w, l)``: the mean sampled IPO or DPO loss over the compared
+    pairs of every prompt, with ``ell`` from :mod:`prefdyn.objectives` (IPO with ``tau = 1/beta``).
+    ``log_pi`` and ``log_pi_ref`` are ``(prompts, K)`` candidate log-probabilities; any per-prompt
+    normaliser cancels. The same function trains the model and, over free logits, gives the
+    tabular prediction of the round."""
+    args = (log_pi[..., :, None], log_pi[..., None, :], log_pi_ref[..., :, None], log_pi_ref[..., None, :])
+    if loss == "ipo":
+        ell = objectives.ipo_loss(*args, tau=1.0 / beta)
+    elif loss == "dpo":
+        ell = objectives.dpo_loss(*args, beta=beta)
+    else:
+        raise ValueError(f"loss={loss!r} must be 'ipo' or 'dpo'")
+    return (W.to(ell.dtype) * ell).sum()
+
+
+def warm_start(policy, prompts: Sequence[str], candidate_ids: Sequence[int], target: Tensor, steps: int,
+               lr: float, prefix: FrozenPrefix | None = None) -> list[float]:
+    """Supervised fine-tuning (:func:`prefdyn.objectives.sft_nll`, weighted by ``target``) of the
+    trainable weights so that the model answers with a candidate, in proportions ``target``
+    (shape ``(K,)``): the initial policy ``pi_0`` of the iterations. Returns the losses."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    target = target.to(torch.float32).to(policy.device)
+    losses = []
+    policy.model.train()
+    for _ in range(steps):
+        logps = candidate_logps(policy.model, policy.tokenizer, prompts, candidate_ids, policy.device, prefix)
+        loss = (target * objectives.sft_nll(logps)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    policy.model.eval()
+    return losses
+
+
+def on_policy_rounds(policy, prompts: Sequence[str], candidate_ids: Sequence[int], P: Tensor, offline: Sequence[Sequence[int]],
+                     *, loss: str, alpha: float, beta: float, lam: float, rounds: int, n_samples: int,
+                     steps: int, lr: float, seed: int, max_new_tokens: int, prefix: FrozenPrefix | None = None,
+                     soft_labels: bool = True) -> dict:
+    """Iterated on-policy IPO/DPO on a language model, restricted to single-token candidates.
+
+    Each round ``t``: sample ``round(lam n_samples)`` responses per prompt from the current model
+    (:func:`prefdyn.sampling.sample_responses`, seeded, cached by weights) and ``n_samples`` minus
+    that many from the fixed ``offline`` pool (candidate indices drawn from ``pi_0``); compare all
+    pairs of kept samples with the oracle ``P`` (:func:`pair_counts`, expected labels when
+    ``soft_labels``); set the reference to
+    ``alpha log p_t + (1-alpha) log p_0`` (the geometric mixture: normalisers cancel in the loss);
+    train the trainable weights with Adam for ``steps`` full-batch steps on
+    :func:`pair_table_loss` (on the ``prefix`` cache when given: only the top blocks train).
+    The tabular prediction of the round is the minimiser of the same loss over free logits
+    started at the model's (:func:`minimise_newton`).
+
+    Returns arrays over rounds: restricted log-policies ``log_pi`` (``rounds+1, prompts, K``), the
+    predicted ``log_pred`` (``rounds, prompts, K``), the kept-sample rate, the losses."""
+    from .sampling import sample_responses
+
+    model, tok, dev = policy.model, policy.tokenizer, policy.device
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        ell0 = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix).double().cpu()
+    log_pi = [F.log_softmax(ell0, -1)]
+    log_pred, kept, loss_before, loss_after = [], [], [], []
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_on = int(round(lam * n_samples))
+    for t in range(rounds):
+        with torch.no_grad():
+            ell_t = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix).double().cpu()
+        on = [assign_candidates(tok, s, candidate_ids) for s in
+              sample_responses(policy, prompts, n_on, max_new_tokens=max_new_tokens, seed=seed * 1000 + t)] \
+            if n_on else [[] for _ in prompts]
+        off = [list(rng.choice(np.asarray(pool), n_samples - n_on)) if n_samples > n_on else [] for pool in offline]
+        kept.append(float(np.mean([x >= 0 for row in on for x in row])) if n_on else float("nan"))
+        W = pair_counts([a + b for a, b in zip(on, off)], P, rng, soft=soft_labels)
+        ref = alpha * ell_t + (1 - alpha) * ell0
+        pred = torch.stack([minimise_newton(lambda z, p=p: pair_table_loss(z[None], ref[p:p + 1], W[p:p + 1], loss, beta),
+                                            F.log_softmax(ell_t[p], -1)) for p in range(len(prompts))])
+        log_pred.append(F.log_softmax(pred, -1))
+        opt = torch.optim.Adam(params, lr=lr)
+        ref_dev, W_dev = ref.float().to(dev), W.float().to(dev)
+        model.train()
+        for s in range(steps):
+            logps = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix)
+            L = pair_table_loss(logps, ref_dev, W_dev, loss, beta)
+            if s == 0:
+                loss_before.append(L.item())
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            ell_next = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix)
+            loss_after.append(pair_table_loss(ell_next, ref_dev, W_dev, loss, beta).item())
+        log_pi.append(F.log_softmax(ell_next.double().cpu(), -1))
+    return {"log_pi": torch.stack(log_pi), "log_pred": torch.stack(log_pred), "kept": np.array(kept),
+            "loss_before": np.array(loss_before), "loss_after": np.array(loss_after)}

@@ -1,0 +1,264 @@
+"""The formulas of prefdyn.iterative against independent computations: gradient descent on the
+population losses, autograd Jacobians of the map, brute-force enumeration, explicit loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefdyn import iterative as it
+from prefdyn import objectives, tabular
+
+D = torch.float64
+
+
+def random_world(K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_ref = torch.log_softmax(torch.randn(K, generator=g, dtype=D), -1)
+    A = torch.rand(K, K, generator=g, dtype=D) - 0.5
+    P = 0.5 + (A - A.T) / 2                       # P + P^T = 1, not Bradley–Terry
+    mu = torch.softmax(0.5 * torch.randn(K, generator=g, dtype=D), -1)
+    pi = torch.log_softmax(torch.randn(K, generator=g, dtype=D), -1)
+    return log_ref, P, mu, pi
+
+
+def test_cyclic_preferences_is_rock_paper_scissors():
+    P = it.cyclic_preferences(0.4)
+    assert torch.allclose(P + P.T, torch.ones(3, 3, dtype=D))
+    assert P[0, 1] == pytest.approx(0.9) and P[1, 2] == pytest.approx(0.9) and P[2, 0] == pytest.approx(0.9)
+    assert torch.allclose(P @ torch.full((3,), 1 / 3, dtype=D), torch.full((3,), 0.5, dtype=D))
+    with pytest.raises(ValueError):
+        it.cyclic_preferences(0.6)
+
+
+def test_mrs_ipo_step_is_the_gd_minimiser_of_the_population_loss_with_mixed_reference_and_sampler():
+    log_ref, P, mu0, log_pi = random_world()
+    alpha, beta, lam = 0.6, 1.7, 0.3
+    ref = torch.log_softmax(alpha * log_pi + (1 - alpha) * log_ref, -1)
+    mu = lam * log_pi.exp() + (1 - lam) * mu0
+    gd = tabular.minimise(lambda th: tabular.population_ipo_loss(th, ref, P, mu, 1 / beta), ref, steps=6000, lr=2.0)
+    step = it.mrs_ipo_step(log_pi, log_ref, mu0, P, alpha, beta, lam)
+    assert (torch.log_softmax(gd, -1) - step).abs().max() < 1e-8
+    # and it is the explicit formula softmax(alpha log pi + (1-alpha) log ref + beta P mu)
+    explicit = torch.log_softmax(alpha * log_pi + (1 - alpha) * log_ref + beta * P @ mu, -1)
+    assert torch.allclose(step, explicit, atol=1e-12)
+
+
+def test_dpo_optimum_matches_gradient_descent_and_first_order_condition():
+    log_ref, P, mu, _ = random_world(seed=1)
+    beta = 0.8
+    newton = it.dpo_optimum(log_ref, P, mu, beta)
+    gd = tabular.minimise(lambda th: tabular.population_dpo_loss(th, log_ref, P, mu, beta), log_ref.clone(),
+                          steps=20000, lr=8 / beta ** 2)
+    assert (torch.log_softmax(gd, -1) - newton).abs().max() < 1e-6
+    g = newton - log_ref
+    lhs = (mu[None, :] * torch.sigmoid(beta * (g[:, None] - g[None, :]))).sum(-1)
+    assert torch.allclose(lhs, P @ mu, atol=1e-10)
+
+
+def test_dpo_optimum_is_sampling_invariant_for_bradley_terry_only():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(4, generator=g, dtype=D)
+    log_ref = torch.log_softmax(torch.randn(4, generator=g, dtype=D), -1)
+    mus = [torch.softmax(torch.randn(4, generator=g, dtype=D), -1) for _ in range(3)]
+    bt = [it.dpo_optimum(log_ref, tabular.bradley_terry(r), m, 0.5) for m in mus]
+    assert all(torch.allclose(b, tabular.rlhf_optimum(log_ref, r, 0.5), atol=1e-9) for b in bt)
+    P = it.cyclic_preferences(0.3, K=4)
+    cyc = [it.dpo_optimum(log_ref, P, m, 0.5) for m in mus]
+    assert (cyc[0] - cyc[1]).abs().max() > 1e-3
+
+
+def test_newton_leaves_untouched_directions_where_gradient_descent_leaves_them():
+    # only responses 0 and 1 are ever compared: logits 2 and 3 must not move relative to each other
+    W = torch.zeros(1, 4, 4, dtype=D)
+    W[0, 0, 1] = 0.7
+    W[0, 1, 0] = 0.3
+    ref = torch.zeros(1, 4, dtype=D)
+    x0 = torch.tensor([0.1, -0.2, 0.5, -1.0], dtype=D)
+    fit = it.minimise_newton(lambda z: it.pair_table_loss(z[None], ref, W, "ipo", 2.0), x0)
+    gd = tabular.minimise(lambda z: it.pair_table_loss(z[None], ref, W, "ipo", 2.0), x0, steps=3000, lr=0.2)
+    assert torch.allclose(fit, gd, atol=1e-8)
+    assert fit[2] == pytest.approx(0.5) and fit[3] == pytest.approx(-1.0)
+
+
+def test_quotient_jacobian_matches_autograd_of_the_map():
+    log_ref, P, mu0, log_pi = random_world(seed=4)
+    alpha, beta, lam = 0.7, 2.5, 0.6
+
+    def F_logits(z):                               # the map on logits (log pi up to a constant)
+        return it.mrs_ipo_step(F.log_softmax(z, -1), log_ref, mu0, P, alpha, beta, lam)
+
+    J = torch.autograd.functional.jacobian(F_logits, log_pi)
+    B = it._centring_basis(4)
+    Q = torch.eye(4, dtype=D) - 0.25                 # outputs compared modulo constants
+    assert torch.allclose(B.T @ Q @ J @ B, it.quotient_jacobian(log_pi, P, alpha, beta, lam), atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha,a,bl", [(0.3, 0.4, 2.0), (0.9, 0.4, 4.0), (1.0, 0.1, 1.0), (0.0, 0.25, 7.0)])
+def test_oscillation_index_is_the_squared_spectral_radius_at_uniform(alpha, a, bl):
+    P = it.cyclic_preferences(a)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    rho = it.spectral_radius(it.quotient_jacobian(u, P, alpha, bl, 1.0))
+    assert rho ** 2 == pytest.approx(float(it.ipo_oscillation_index(alpha, a, bl)), abs=1e-12)
+
+
+def test_dpo_oscillation_index_matches_finite_difference_jacobian_of_the_dpo_map():
+    a, alpha, beta, lam = 0.3, 0.5, 0.7, 0.8
+    P = it.cyclic_preferences(a)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    B = it._centring_basis(3)
+    eps = 1e-5
+    cols = []
+    for k in range(2):
+        dz = eps * B[:, k]
+        plus = it.mrs_dpo_step(F.log_softmax(u + dz, -1), u, u.exp(), P, alpha, beta, lam)
+        minus = it.mrs_dpo_step(F.log_softmax(u - dz, -1), u, u.exp(), P, alpha, beta, lam)
+        cols.append(B.T @ (plus - minus) / (2 * eps))
+    J = torch.stack(cols, 1)
+    rho2 = it.spectral_radius(J) ** 2
+    assert rho2 == pytest.approx(float(it.dpo_oscillation_index(alpha, a, lam / beta)), rel=1e-6)
+
+
+def test_contraction_factor_bounds_the_map_lipschitz_constant_in_quotient_norm():
+    log_ref, P, mu0, _ = random_world(seed=5)
+    alpha, beta, lam = 0.4, 1.5, 0.7
+    c = it.contraction_factor(alpha, beta, lam, P)
+    g = torch.Generator().manual_seed(6)
+    Q = torch.eye(4, dtype=D) - 0.25
+    worst = 0.0
+    for _ in range(300):
+        z1, z2 = (torch.randn(4, generator=g, dtype=D) * 2 for _ in range(2))
+        f1 = it.mrs_ipo_step(F.log_softmax(z1, -1), log_ref, mu0, P, alpha, beta, lam)
+        f2 = it.mrs_ipo_step(F.log_softmax(z2, -1), log_ref, mu0, P, alpha, beta, lam)
+        worst = max(worst, ((Q @ (f1 - f2)).norm() / (Q @ (z1 - z2)).norm()).item())
+    assert worst <= c + 1e-12
+    assert worst > alpha  # the bound is not vacuous here
+
+
+def test_fixed_point_solves_its_equation():
+    log_ref, P, mu0, _ = random_world(seed=7)
+    alpha, beta, lam = 0.5, 3.0, 0.6
+    z = it.fixed_point(log_ref, mu0, P, alpha, beta, lam)
+    rhs = F.log_softmax(log_ref + beta / (1 - alpha) * P @ (lam * z.exp() + (1 - lam) * mu0), -1)
+    assert torch.allclose(z, rhs, atol=1e-11)
+    assert torch.allclose(it.mrs_ipo_step(z, log_ref, mu0, P, alpha, beta, lam), z, atol=1e-11)
+
+
+def test_strong_transitivity_and_margins_by_brute_force():
+    r = torch.tensor([2.0, 0.5, -1.0, 1.0], dtype=D)
+    P = tabular.bradley_terry(r)
+    order = torch.argsort(r, descending=True).tolist()
+    assert it.is_strongly_transitive(P, order, strict=True)
+    assert not it.is_strongly_transitive(it.cyclic_preferences(0.2), [0, 1, 2])
+    d = it.transitivity_margins(P, 0)
+    brute = torch.tensor([min(P[0, k] - P[j, k] for k in range(4)) for j in range(4)], dtype=D)
+    assert torch.allclose(d, brute) and d[0] == 0 and (d[1:] > 0).all()
+
+
+def test_entropy_upper_bound_holds_on_random_policies():
+    g = torch.Generator().manual_seed(8)
+    for K in (2, 3, 5):
+        logits = 4 * torch.randn(2000, K, generator=g, dtype=D)
+        logits[:, 0] += 3
+        log_pi = F.log_softmax(logits, -1)
+        top = log_pi.argmax(-1) == 0
+        odds = (log_pi[:, :1] - log_pi[:, 1:])[top]
+        H = it.entropy(log_pi[top])
+        assert (H <= it.entropy_upper_bound(odds) + 1e-12).all()
+        slack = it.entropy_upper_bound(odds - 0.5)   # weaker lower bounds on the odds: still an upper bound
+        assert (H <= slack + 1e-12).all()
+
+
+def test_entropy_total_variation_ranking_accuracy_by_hand():
+    log_pi = torch.log(torch.tensor([0.5, 0.25, 0.25], dtype=D))
+    assert it.entropy(log_pi).item() == pytest.approx(1.5 * math.log(2))
+    q = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=D))
+    assert it.total_variation(log_pi, q).item() == pytest.approx(0.3)
+    P = tabular.bradley_terry(torch.tensor([0.0, 1.0, 2.0], dtype=D))   # 2 > 1 > 0
+    assert it.ranking_accuracy(q, P).item() == pytest.approx(1.0)
+    assert it.ranking_accuracy(q.flip(0), P).item() == pytest.approx(0.0)
+    assert it.ranking_accuracy(log_pi, P).item() == pytest.approx(0.0)   # 0.25 = 0.25 is a tie: wrong
+
+
+def test_logit_gaps_match_the_optimum():
+    log_ref, P, mu, _ = random_world(seed=9)
+    beta = 1.3
+    opt = tabular.ipo_optimum(log_ref, P, mu, 1 / beta)
+    assert torch.allclose(it.logit_gaps(log_ref, P, mu, beta), opt[:, None] - opt[None, :], atol=1e-12)
+
+
+def test_pair_counts_and_table_loss_equal_an_explicit_loop():
+    P = it.cyclic_preferences(0.4)
+    samples = [[0, 1, 1, 2, -1, 0], [2, 2, -1]]
+    W = it.pair_counts(samples, P, np.random.default_rng(0))
+    rng = np.random.default_rng(0)                  # re-draw the same labels by hand
+    c = np.array([0, 1, 1, 2, 0])
+    s_all, t_all = np.triu_indices(5, 1)
+    differ = c[s_all] != c[t_all]
+    s, t = s_all[differ], t_all[differ]
+    first = rng.random(len(s)) < P.numpy()[c[s], c[t]]
+    lp = torch.log_softmax(torch.randn(2, 3, dtype=D), -1)
+    ref = torch.randn(2, 3, dtype=D)
+    for loss, fn in (("ipo", lambda w, l: objectives.ipo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], tau=0.5)),
+                     ("dpo", lambda w, l: objectives.dpo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], beta=2.0))):
+        explicit = sum(fn(c[i], c[j]) if f else fn(c[j], c[i]) for i, j, f in zip(s, t, first)) / len(s_all)
+        assert it.pair_table_loss(lp, ref, W, loss, 2.0).item() == pytest.approx(float(explicit), rel=1e-12)
+    assert W[0].sum().item() == pytest.approx(len(s) / len(s_all))
+    assert W[1].sum() == 0     # two equal candidates: nothing to learn
+
+
+def test_soft_pair_counts_are_the_expected_hard_counts():
+    P = it.cyclic_preferences(0.4)
+    samples = [[0, 1, 1, 2, -1, 0, 2]]
+    soft = it.pair_counts(samples, P, soft=True)
+    hard = torch.stack([it.pair_counts(samples, P, np.random.default_rng(k)) for k in range(4000)]).mean(0)
+    assert torch.allclose(soft, hard, atol=0.01)
+    c = [0, 1, 1, 2, 0, 2]
+    n = len(c) * (len(c) - 1) / 2
+    brute = torch.zeros(3, 3, dtype=D)
+    for i in range(len(c)):
+        for j in range(i + 1, len(c)):
+            if c[i] != c[j]:
+                brute[c[i], c[j]] += P[c[i], c[j]] / n
+                brute[c[j], c[i]] += P[c[j], c[i]] / n
+    assert torch.allclose(soft[0], brute, atol=1e-15)
+
+
+def test_assign_candidates_uses_the_first_token():
+    class Tok:
+        vocab = {"Rock": 1, "Paper": 2, "Sc": 3}
+
+        def encode(self, text, add_special_tokens=False):
+            for w, i in self.vocab.items():
+                if text.startswith(w):
+                    return [i, 99]
+            return [0] if text else []
+
+    assert it.assign_candidates(Tok(), ["Rock!", "Scissors", "I pick", ""], [1, 2, 3]) == [0, 2, -1, -1]
+
+
+def test_iterate_at_alpha_one_collapses_with_the_proved_rate():
+    r = torch.tensor([1.0, 0.3, -0.5, 0.0], dtype=D)
+    P = tabular.bradley_terry(r)
+    log_pi0 = F.log_softmax(torch.tensor([0.0, 1.0, 0.5, 0.2], dtype=D), -1)
+    beta, lam = 2.0, 0.5
+    traj = it.iterate(it.mrs_ipo_step, log_pi0, 40, P=P, alpha=1.0, beta=beta, lam=lam)
+    delta = it.transitivity_margins(P, 0)[1:]
+    for t in range(41):
+        odds = traj[t, 0] - traj[t, 1:]
+        assert (odds >= (log_pi0[0] - log_pi0[1:]) + t * beta * delta - 1e-9).all()
+        assert it.entropy(traj[t]) <= it.entropy_upper_bound((log_pi0[0] - log_pi0[1:]) + t * beta * delta) + 1e-12
+    assert it.entropy(traj[-1]) < 1e-3
+
+
+def test_oscillation_ratio_separates_contracting_and_growing_orbits():
+    P = it.cyclic_preferences(0.4)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    start = F.log_softmax(u + torch.tensor([1e-3, 0, 0], dtype=D), -1)
+    stable = it.iterate(it.mrs_ipo_step, start, 400, log_pi_ref=u, mu0=u.exp(), P=P, alpha=0.3, beta=2.0, lam=1.0)
+    wild = it.iterate(it.mrs_ipo_step, start, 400, log_pi_ref=u, mu0=u.exp(), P=P, alpha=0.9, beta=4.0, lam=1.0)
+    assert it.oscillation_ratio(stable, u) < 0.5
+    assert it.oscillation_ratio(wild, u) > 0.9
+    fast = it.iterate(it.mrs_ipo_step, start, 400, log_pi_ref=u, mu0=u.exp(), P=P, alpha=0.0, beta=0.5, lam=1.0)
+    assert it.oscillation_ratio(fast, u) == 0.0          # converged to round-off: not an oscillation
