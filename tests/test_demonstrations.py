@@ -1,6 +1,7 @@
 """Every formula of prefdyn.demonstrations against an independent computation."""
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -225,3 +226,20 @@ def test_per_token_nll_and_a_short_sft_run_on_the_real_model(smol):
                 p.copy_(saved[k])
         smol.model.requires_grad_(True)
         smol.model.eval()
+
+
+def test_bad_demonstration_files_name_the_file_line_and_format(tmp_path):
+    good = ('{"id": "a", "category": "c", "prompt": "Capital of France?", "completion": "Paris.", '
+            '"answers": ["Paris"]}')
+    cases = {"missing.jsonl": (None, "cannot be read"),
+             "empty.jsonl": ("\n", "holds no demonstrations"),
+             "notjson.jsonl": (good + "\n{oops\n", "line 2: not valid JSON"),
+             "nokey.jsonl": ('{"id": "a", "prompt": "p"}\n', "line 1: missing or malformed ['category'"),
+             "answers.jsonl": (good.replace('["Paris"]', '"Paris"') + "\n", "line 1: missing or malformed ['answers']")}
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            afd.load_demonstrations(tmp_path / name)
+    (tmp_path / "ok.jsonl").write_text(good + "\n")
+    assert afd.load_demonstrations(tmp_path / "ok.jsonl")[0].answers == ("Paris",)

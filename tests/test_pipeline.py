@@ -110,8 +110,8 @@ def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypat
 
     text = report.reproducibility_markdown()
     glance = text.split("## At a glance")[1].split("\n## ")[0]
-    assert "| {doc}`cha` | ❌ 1/2 | \"smoke\" | \"cpu\" | 12 s | 2026-01-02 | ✅ 1/1 | Some GPU | 2026-01-02 |" in glance
-    assert "| {doc}`chb` | not run |" in glance and "| none |" in glance
+    assert "| {doc}`cha <cha>` | ❌ 1/2 | smoke, cpu, 12 s, 2026-01-02 | ✅ 1/1 on Some GPU, 2026-01-02 |" in glance
+    assert "| {doc}`chb <chb>` | not run | — | none |" in glance
     section = text.split("## Title of cha")[1].split("## Title of chb")[0]
     assert '`scale="smoke"`, `device="cpu"`, `seed=0`, `model="smollm2-135m"`; chapter-specific: `lr=0.1`' in section
     assert "Some CPU, 2 cores" in section and "`abc1234`" in section and "torch 9.9" in section

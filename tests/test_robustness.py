@@ -103,6 +103,15 @@ def test_bad_input_through_papermill(book, case, tmp_path, monkeypatch):
     assert expected in error, error
 
 
+def test_bad_demonstrations_file_through_papermill(book, tmp_path):
+    chapter = "ch05-alignment-from-demonstrations"
+    if chapter not in CHAPTERS:
+        pytest.skip(f"{chapter} is left out by PREFDYN_TEST_CHAPTERS")
+    (tmp_path / "demos.jsonl").write_text("{oops\n")
+    error = run_bad(book[0], chapter, {"demonstrations_path": str(tmp_path / "demos.jsonl")})
+    assert "demos.jsonl, line 1: not valid JSON" in error
+
+
 def test_a_killed_run_leaves_the_previous_results(book):
     """SIGKILL to the whole `prefdyn run` process group while the notebook is executing."""
     top, results, _ = book

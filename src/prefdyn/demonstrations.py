@@ -338,13 +338,43 @@ class Demonstration:
     answers: tuple[str, ...]
 
 
+DEMONSTRATION_KEYS = ("id", "category", "prompt", "completion", "answers")
+
+
 def load_demonstrations(path=None) -> list[Demonstration]:
     """The shipped demonstration set (``prefdyn/demonstration_data/demonstrations.jsonl``; TRL's
-    prompt-completion format plus ``id``, ``category`` and ``answers``), or a JSONL file at ``path``."""
-    text = (resources.files("prefdyn") / "demonstration_data" / "demonstrations.jsonl").read_text("utf-8") \
-        if path is None else open(path, encoding="utf-8").read()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [Demonstration(r["id"], r["category"], r["prompt"], r["completion"], tuple(r["answers"])) for r in rows]
+    prompt-completion format plus ``id``, ``category`` and ``answers``), or a JSONL file at ``path``.
+
+    A missing or empty file, a line that is not a JSON object, or one that lacks a field raises a
+    :class:`ValueError` naming the file, the line and what a line must hold.
+    """
+    if path is None:
+        source = "the shipped demonstrations.jsonl"
+        text = (resources.files("prefdyn") / "demonstration_data" / "demonstrations.jsonl").read_text("utf-8")
+    else:
+        source = str(path)
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as exc:
+            raise ValueError(f"demonstrations_path={source!r} cannot be read ({exc.strerror}); give a JSONL file "
+                             "with one demonstration per line, or None for the shipped set") from exc
+    expected = f"one JSON object per line with keys {', '.join(DEMONSTRATION_KEYS)} (answers: a list of strings)"
+    demos = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}, line {lineno}: not valid JSON ({exc.msg}); expected {expected}") from exc
+        missing = [k for k in DEMONSTRATION_KEYS if not isinstance(row, dict) or k not in row]
+        if missing or isinstance(row["answers"], str):
+            raise ValueError(f"{source}, line {lineno}: missing or malformed {missing or ['answers']}; "
+                             f"expected {expected}")
+        demos.append(Demonstration(row["id"], row["category"], row["prompt"], row["completion"], tuple(row["answers"])))
+    if not demos:
+        raise ValueError(f"{source} holds no demonstrations; expected {expected}")
+    return demos
 
 
 def golden_components(response: str, answers: Sequence[str], max_words: int = MAX_WORDS) -> dict[str, bool]:

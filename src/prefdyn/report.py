@@ -38,6 +38,15 @@ def effective_parameters(meta: dict) -> dict[str, str]:
     return {**meta.get("defaults", {}), **passed}
 
 
+def _plain(text: str) -> str:
+    """A parameter's JSON or Python source text as a reader would write it (no string quotes)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str) else text
+
+
 def _passed(checks: list[dict]) -> str:
     if not checks:
         return "no checks"
@@ -73,15 +82,19 @@ def reproducibility_markdown(chapters: list[str] | None = None) -> str:
            "<id> --scale full` and kept in `book/recorded/` with the hardware it ran on. A check passes "
            "only if its measurement falls within a tolerance fixed before the run.", "",
            "## At a glance", "",
-           "| chapter | live: checks | scale | device | time | finished | recorded full: checks | hardware | date |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| chapter | live run: checks | scale, device, time, date | recorded full-scale run |",
+           "|---|---|---|---|"]
     for chapter in chapters:
         meta, rec = _load_meta(chapter), load_recorded(chapter)
-        params = effective_parameters(meta) if meta else {}
-        live = ([_passed(load_checks(chapter)), params.get("scale", "—"), params.get("device", "—"),
-                 f"{meta['seconds']:.0f} s", meta["finished"][:10]] if meta else ["not run", "—", "—", "—", "—"])
-        recorded = ([_passed(rec["checks"]), rec["hardware"], rec["finished"][:10]] if rec else ["none", "—", "—"])
-        out.append(f"| {{doc}}`{chapter}` | " + " | ".join(map(str, live + recorded)) + " |")
+        label = f"{{doc}}`{chapter.split('-')[0]} <{chapter}>`"
+        if meta:
+            params = {k: _plain(v) for k, v in effective_parameters(meta).items()}
+            live = [_passed(load_checks(chapter)), f"{params.get('scale', '?')}, {params.get('device', '?')}, "
+                                                   f"{meta['seconds']:.0f} s, {meta['finished'][:10]}"]
+        else:
+            live = ["not run", "—"]
+        recorded = f"{_passed(rec['checks'])} on {rec['hardware']}, {rec['finished'][:10]}" if rec else "none"
+        out.append(f"| {label} | " + " | ".join(live + [recorded]) + " |")
     for chapter in chapters:
         meta, rec = _load_meta(chapter), load_recorded(chapter)
         out += ["", f"## {chapter_title(chapter)}", "", f"Chapter: {{doc}}`{chapter}`.", "", "### Live run", ""]
