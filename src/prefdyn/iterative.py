@@ -347,11 +347,6 @@ def load_prompts(task: str) -> list[str]:
     return out
 
 
-def _blocks(model) -> torch.nn.ModuleList:
-    """The transformer blocks: the model's longest ``ModuleList`` (as :func:`prefdyn.training.train_only_top_blocks`)."""
-    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-
-
 class FrozenPrefix:
     """Hidden states entering the top ``n_blocks`` blocks for fixed prompts, computed once.
 
@@ -363,11 +358,12 @@ class FrozenPrefix:
     """
 
     def __init__(self, model, tokenizer, prompts: Sequence[str], n_blocks: int, device):
-        from .models import _pad_batch
+        from .models import pad_batch
+        from .training import transformer_blocks
 
         rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        ids, mask = (t.to(device) for t in _pad_batch(tokenizer, rows))
-        n_layers = len(_blocks(model))
+        ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
+        n_layers = len(transformer_blocks(model))
         if not 0 < n_blocks < n_layers:
             raise ValueError(f"n_blocks={n_blocks} must be between 1 and {n_layers - 1}")
         with torch.no_grad():

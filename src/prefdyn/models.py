@@ -182,7 +182,7 @@ def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def _pad_batch(tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids and their attention mask."""
     return _right_pad(rows, tokenizer.pad_token_id), _right_pad([[1] * len(r) for r in rows], 0)
 
@@ -199,7 +199,7 @@ def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Token
             raise ValueError(f"empty response for prompt {prompt[:60]!r}")
         rows.append(p + r)
         label_rows.append([IGNORE_INDEX] * len(p) + r)
-    return TokenBatch(*_pad_batch(tokenizer, rows), _right_pad(label_rows, IGNORE_INDEX))
+    return TokenBatch(*pad_batch(tokenizer, rows), _right_pad(label_rows, IGNORE_INDEX))
 
 
 def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
@@ -221,7 +221,7 @@ def last_token_states(model, tokenizer, texts: Sequence[str], device, layer: int
     """Hidden state at ``layer`` of the last token of each text (``-1``: after the final norm, the
     input of the LM head), from one right-padded batch; differentiable."""
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    ids, mask = (t.to(device) for t in _pad_batch(tokenizer, rows))
+    ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
     return _last_states(model, ids, mask, layer)
 
 
@@ -263,7 +263,7 @@ class EncodedPairs:
             raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses")
         tokens = single_token_responses(tokenizer, list(chosen) + list(rejected))
         if tokens is not None:
-            ids, mask = _pad_batch(tokenizer, [tokenizer.encode(p, add_special_tokens=False) for p in prompts])
+            ids, mask = pad_batch(tokenizer, [tokenizer.encode(p, add_special_tokens=False) for p in prompts])
             return cls(lengths=mask.sum(1), prompt_ids=ids, prompt_mask=mask,
                        answers=torch.tensor(tokens).view(2, len(prompts)).T.contiguous())
         sequences = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected))

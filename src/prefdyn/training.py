@@ -168,17 +168,22 @@ def persona_pairs(tokenizer, examples) -> PreferencePairs:
                            [ex.chosen for ex in examples], [ex.rejected for ex in examples])
 
 
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The transformer blocks: the model's longest ``ModuleList`` (``model.layers`` in llama-style
+    models), so no architecture is assumed; ``None`` if it has none."""
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+
+
 def train_only_top_blocks(model: torch.nn.Module, n_blocks: int | None) -> int:
     """Freeze all weights but the last ``n_blocks`` transformer blocks and the final norm.
 
-    ``None`` trains every weight. The blocks are the model's longest ``ModuleList`` (``model.layers``
-    in llama-style models), so no architecture is assumed. Gradients then stop at the first trained
-    block, which makes a step several times cheaper on a CPU. Returns the number of trained weights.
+    ``None`` trains every weight; the blocks are :func:`transformer_blocks`. Gradients then stop at
+    the first trained block, which makes a step several times cheaper on a CPU. Returns the number of trained weights.
     """
     if n_blocks is None:
         model.requires_grad_(True)
         return sum(p.numel() for p in model.parameters())
-    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    blocks = transformer_blocks(model)
     if blocks is None or not 0 < n_blocks <= len(blocks):
         raise ValueError(f"n_blocks={n_blocks} must be between 1 and the model's {len(blocks or [])} blocks")
     model.requires_grad_(False)
