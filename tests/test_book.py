@@ -7,8 +7,8 @@ import re
 
 import pytest
 from bs4 import BeautifulSoup
-
 from conftest import CHAPTERS
+
 from prefdyn import pipeline
 
 pytestmark = pytest.mark.slow

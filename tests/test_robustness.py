@@ -14,8 +14,8 @@ import time
 import nbformat
 import pytest
 import torch
-
 from conftest import CHAPTERS
+
 from prefdyn import models, pipeline
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,6 @@ from typing import Any
 
 from .store import atomic_write_json
 
-
 BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
 
 

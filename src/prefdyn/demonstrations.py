@@ -246,7 +246,7 @@ def fit_logistic(positive: Tensor, negative: Tensor, l2: float = 0.0, pos_weight
             t /= 2
         else:
             break
-        theta, decrease, current = theta - t * step, current - candidate, candidate
+        theta, current = theta - t * step, candidate
         if float(grad @ step) < 1e-24:                          # Newton decrement: converged
             break
     return LogisticModel(theta[:-1], theta[-1], mean, scale)
