@@ -203,12 +203,20 @@ def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Token
 
 
 def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
-    """Sum of ``log pi(y_t | x, y_<t)`` over response tokens, one value per row (differentiable)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    labels = batch.labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (token_logps * mask).sum(-1)
+    """Sum of ``log pi(y_t | x, y_<t)`` over response tokens, one value per row (differentiable).
+
+    Only the positions that predict a response token of some row get logits (``logits_to_keep``:
+    the columns from the earliest response start on), and the log-probabilities come from a fused
+    cross-entropy, so the prompt's positions never pay for the vocabulary-sized LM head.
+    """
+    response = batch.labels != IGNORE_INDEX
+    first = int(response.int().argmax(1).min())            # earliest column holding a response token
+    keep = batch.input_ids.shape[1] - first + 1              # logits at positions first-1 .. end
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    labels = batch.labels[:, first:]
+    token_logps = -torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="none")
+    return token_logps.view(labels.shape).sum(-1)
 
 
 def _last_states(model, ids: torch.Tensor, mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
