@@ -318,18 +318,24 @@ def response_logps(policy: Policy, prompts: Sequence[str], responses: Sequence[s
 
 
 @torch.no_grad()
-def preference_logps(policy: Policy, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                     batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pair_logps` over many pairs, batched, without gradients (returned on CPU)."""
-    if not prompts:
-        return torch.empty(0), torch.empty(0)
-    encoded = EncodedPairs.of(policy.tokenizer, prompts, chosen, rejected)
+def encoded_logps(policy: Policy, encoded: EncodedPairs, batch_size: int = 32,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log pi(y_w|x)`` and ``log pi(y_l|x)`` of every pair of ``encoded``, batched, without
+    gradients (returned on CPU)."""
     out_w, out_l = [], []
     for i in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="log-probs"):
         w, l = encoded.logps(policy.model, torch.arange(i, min(i + batch_size, len(encoded))), policy.device)
         out_w.append(w.cpu())
         out_l.append(l.cpu())
     return (torch.cat(out_w), torch.cat(out_l)) if out_w else (torch.empty(0), torch.empty(0))
+
+
+def preference_logps(policy: Policy, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                     batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pair_logps` over many pairs, batched, without gradients (returned on CPU)."""
+    if not prompts:
+        return torch.empty(0), torch.empty(0)
+    return encoded_logps(policy, EncodedPairs.of(policy.tokenizer, prompts, chosen, rejected), batch_size, progress)
 
 
 def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size: int = 32,

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import objectives
-from .models import EncodedPairs, Policy, chat_prompt, preference_logps
+from .models import EncodedPairs, Policy, chat_prompt, encoded_logps, preference_logps
 
 LOSSES = {"dpo": objectives.dpo_loss, "ipo": objectives.ipo_loss}
 
@@ -122,8 +122,8 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
     if steps < 0 or batch_size <= 0 or lr <= 0 or bucket < 1:
         raise ValueError(f"need steps >= 0, batch_size > 0, lr > 0, bucket >= 1 (got {steps}, {batch_size}, {lr}, "
                          f"{bucket})")
-    reference = reference or ReferenceLogps.of(policy, pairs)
     encoded = EncodedPairs.of(policy.tokenizer, pairs.prompts, pairs.chosen, pairs.rejected)
+    reference = reference or ReferenceLogps(*encoded_logps(policy, encoded))
     accelerator = Accelerator(device_placement=False)  # the policy is already on its device
     if accelerator.num_processes > 1 and batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={batch_size} must be a multiple of the {accelerator.num_processes} processes")
