@@ -216,7 +216,7 @@ def test_smoothness_bounds_the_hessian_and_gives_monotone_descent():
     assert np.all(np.diff(good.loss[:, 0]) <= 1e-12)
     bad = dyn.last_layer_dpo(feats, s, beta=beta, lr=6.0 / L, steps=40)
     assert np.any(np.diff(bad.loss[:, 0]) > 0)
-    after = dyn.group_losses_after(feats, s, [0] * len(s), beta=beta, lr=1.9 / L, steps=40)
+    after = dyn.losses_after(feats, s, [0] * len(s), beta=beta, lr=1.9 / L, steps=40)
     assert after[0] == pytest.approx(good.loss[-1, 0], rel=1e-12)
 
 
@@ -246,8 +246,30 @@ def test_stratified_resample_keeps_strata():
 def test_separate_training_equals_one_run_per_group():
     feats, s, groups = dyn.synthetic_behaviours([0.5, 2.0, 1.0], n_per_class=15, d=5, common=2.0, seed=15)
     feats, s, groups = feats[:-4], s[:-4], groups[:-4]          # unequal group sizes
-    out = dyn.separate_losses_after(feats, s, groups, beta=0.5, lr=0.3, steps=7)
+    out = dyn.losses_after(feats, s, groups, beta=0.5, lr=0.3, steps=7, separate=True)
     g = np.array(groups)
     for k in range(3):
         alone = dyn.last_layer_dpo(feats[g == k], s[g == k], beta=0.5, lr=0.3, steps=7)
         assert out[k] == pytest.approx(alone.loss[-1, 0], rel=1e-12)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_resampled_losses_equal_training_on_each_resample(separate):
+    feats, s, groups = dyn.synthetic_behaviours([0.5, 2.0, 1.0], n_per_class=10, d=4, common=1.0, seed=16)
+    rng = np.random.default_rng(3)
+    idx = [dyn.stratified_resample(s, groups, rng) for _ in range(5)]
+    weights = np.stack([np.bincount(i, minlength=len(s)) for i in idx])
+    batched = dyn.resampled_losses_after(feats, s, groups, weights, beta=0.5, lr=0.4, steps=9, separate=separate)
+    for r, i in enumerate(idx):
+        one = dyn.losses_after(feats[i], s[i], [groups[j] for j in i], beta=0.5, lr=0.4, steps=9, separate=separate)
+        np.testing.assert_allclose(batched[r], [one[k] for k in (0, 1, 2)], rtol=1e-12)
+
+
+def test_resampled_losses_reject_bad_weights():
+    feats, s, groups = dyn.synthetic_behaviours([1.0, 2.0], n_per_class=3, d=3, seed=17)
+    with pytest.raises(ValueError, match="non-negative multiplicities"):
+        dyn.resampled_losses_after(feats, s, groups, np.ones((2, len(s) - 1)), beta=1, lr=1, steps=1)
+    w = np.ones((1, len(s)))
+    w[0, :6] = 0                                   # group 0 has no example left
+    with pytest.raises(ValueError, match="positive weight in every trained group"):
+        dyn.resampled_losses_after(feats, s, groups, w, beta=1, lr=1, steps=1, separate=True)

@@ -185,37 +185,50 @@ def smoothness(features: Tensor, beta: float, groups=None) -> float:
     return beta**2 * out
 
 
-def group_losses_after(features: Tensor, s, groups, *, beta: float, lr: float, steps: int) -> dict:
-    """Mean DPO loss of every group after ``steps`` full-batch steps of *joint* training (fast: no
-    logging). ``{group: loss}``."""
-    s = _signs(s)
-    labels = list(groups)
-    v = torch.zeros(features.shape[1], dtype=features.dtype)
-    for _ in range(steps):
-        v = dpo_step(v, features, s, beta, lr)
-    ell = dpo_losses(v, features, s, beta)
-    return {name: ell[torch.tensor([i for i, g in enumerate(labels) if g == name])].mean().item()
-            for name in dict.fromkeys(labels)}
+def resampled_losses_after(features: Tensor, s, groups, weights, *, beta: float, lr: float, steps: int,
+                           separate: bool = False) -> np.ndarray:
+    """Mean DPO loss of every group after ``steps`` full-batch gradient steps, for ``R`` reweightings
+    of the data at once: ``weights`` is ``(R, n)``, row ``r`` the multiplicity of every example in
+    data set ``r`` (a bootstrap resample ``idx`` is ``np.bincount(idx, minlength=n)``). Training on
+    the weighted data is training on the resample itself, because a full-batch step averages over
+    examples: ``v <- v + lr beta sum_i w_i sigma(-h_i) s_i g_i / sum_i w_i``.
 
-
-def separate_losses_after(features: Tensor, s, groups, *, beta: float, lr: float, steps: int) -> dict:
-    """Mean DPO loss of every group after ``steps`` full-batch steps when every group is trained
-    *on its own* (one ``v_k`` per group), all groups advanced together in a few tensor operations.
-    Equal to running :func:`last_layer_dpo` on each group separately. ``{group: loss}``."""
-    s = _signs(s)
+    ``separate=False`` trains one ``v`` on all examples (*joint*); ``separate=True`` trains every
+    group *on its own* (one ``v_k`` each, as :func:`last_layer_dpo` on that group alone). All ``R``
+    runs advance together in two matrix products per group and step. Returns an ``(R, K)`` array of
+    weighted mean losses, groups in order of first appearance."""
+    s = _signs(s).to(features.dtype)
     labels = list(groups)
     names = list(dict.fromkeys(labels))
-    k = torch.tensor([names.index(g) for g in labels])
-    counts = torch.bincount(k, minlength=len(names)).to(features.dtype)
-    sf = s.to(features.dtype)
-    v = torch.zeros(len(names), features.shape[1], dtype=features.dtype)
-    for _ in range(steps):
-        h = U_NORM_SQ * beta * sf * (features * v[k]).sum(1)
-        step = torch.zeros_like(v).index_add_(0, k, (torch.sigmoid(-h) * sf)[:, None] * features)
-        v = v + lr * beta * step / counts[:, None]
-    ell = -F.logsigmoid(U_NORM_SQ * beta * sf * (features * v[k]).sum(1))
-    per = torch.zeros(len(names), dtype=features.dtype).index_add_(0, k, ell) / counts
-    return {name: per[i].item() for i, name in enumerate(names)}
+    w = torch.as_tensor(np.asarray(weights, dtype=float), dtype=features.dtype)
+    if w.ndim != 2 or w.shape[1] != len(features) or bool((w < 0).any()):
+        raise ValueError(f"weights must be an (R, n={len(features)}) array of non-negative multiplicities, "
+                         f"got shape {tuple(w.shape)}")
+    rows = {name: torch.tensor([i for i, g in enumerate(labels) if g == name]) for name in names}
+    blocks = list(rows.values()) if separate else [torch.arange(len(features))]
+    h = torch.empty(len(w), len(features), dtype=features.dtype)
+    for idx in blocks:
+        g, sb, wb = features[idx], s[idx], w[:, idx]
+        if bool((wb.sum(1) == 0).any()):
+            raise ValueError("every data set (row of weights) needs a positive weight in every trained group")
+        v = torch.zeros(len(w), features.shape[1], dtype=features.dtype)
+        for _ in range(steps):
+            hb = U_NORM_SQ * beta * sb * (v @ g.T)
+            v = v + lr * beta * ((wb * torch.sigmoid(-hb) * sb) @ g) / wb.sum(1, keepdim=True)
+        h[:, idx] = U_NORM_SQ * beta * sb * (v @ g.T)
+    ell = w * -F.logsigmoid(h)
+    return torch.stack([ell[:, idx].sum(1) / w[:, idx].sum(1) for idx in rows.values()], 1).numpy()
+
+
+def losses_after(features: Tensor, s, groups, *, beta: float, lr: float, steps: int,
+                 separate: bool = False) -> dict:
+    """``{group: mean DPO loss}`` after ``steps`` full-batch steps, joint or ``separate``
+    (:func:`resampled_losses_after` with every example counted once)."""
+    groups = list(groups)
+    names = list(dict.fromkeys(groups))
+    out = resampled_losses_after(features, s, groups, np.ones((1, len(features))), beta=beta, lr=lr,
+                                 steps=steps, separate=separate)[0]
+    return {name: float(x) for name, x in zip(names, out)}
 
 
 def explicit_softmax_dpo(W0: Tensor, features: Tensor, chosen: Tensor, rejected: Tensor, *, beta: float,
