@@ -57,6 +57,25 @@ def test_gd_dpo_margins_match_autograd_explicit_softmax():
         assert torch.allclose(run.train[t], r, atol=1e-12)
 
 
+def test_pair_blocks_margins_and_sums_by_brute_force():
+    """Unequal pair sizes, shuffled rows, a pair with one sample: same margins as the definition."""
+    g = torch.Generator().manual_seed(5)
+    N, d, V = 23, 4, 5
+    G = torch.randn(N, d, generator=g, dtype=torch.float64)
+    chosen = torch.randint(0, V, (N,), generator=g)
+    rejected = (chosen + torch.randint(1, V, (N,), generator=g)) % V
+    chosen[0], rejected[0] = 4, 3                     # make sure one pair occurs once
+    chosen[1:][(chosen[1:] == 4) & (rejected[1:] == 3)] = 0
+    blocks = gen.PairBlocks.of(G, chosen, rejected)
+    dW = torch.randn(V, d, generator=g, dtype=torch.float64)
+    assert torch.allclose(blocks.margins(dW, 0.7), gen.margins(dW, G, chosen, rejected, 0.7), atol=1e-14)
+    w = torch.rand(N, generator=g, dtype=torch.float64)
+    for p, (cw, cl) in enumerate(blocks.pairs.tolist()):
+        rows = (chosen == cw) & (rejected == cl)
+        assert torch.allclose(blocks.pair_sums(w)[p], (w[rows, None] * G[rows]).sum(0), atol=1e-14)
+    assert len(blocks.pairs) == len(set(zip(chosen.tolist(), rejected.tolist())))
+
+
 def test_kernel_recursion_equals_weight_space_gd_on_train_and_test():
     data, test = small(K=3, Q=7, d=9, v=0.3, seed=1), small(K=3, Q=4, d=9, v=0.3, seed=2)
     beta, lr, steps = 1.3, 2.0, 12

@@ -124,25 +124,66 @@ class MarginRun:
     delta_W: list
 
 
+@dataclass
+class PairBlocks:
+    """Samples grouped by their preference pair ``(y_w, y_l)``, for fast margins and steps.
+
+    A sample's margin needs only its pair's row difference, ``r_i = beta g_i^T u_p`` with
+    ``u_p = (W - W_0)[y_w] - (W - W_0)[y_l]``, and a gradient step only the per-pair sums
+    ``sum_{i in p} sigma(-r_i) g_i``. With the features of each pair laid out as one block
+    (``blocks``: ``(P, n_max, d)``, zero rows where a pair has fewer samples), both are one batched
+    matrix product over the ``P`` pairs, instead of gathering an ``(N, d)`` array of rows of ``W``.
+    ``slot`` gives each sample's ``(pair, position)`` in the blocks, in the original order."""
+
+    pairs: Tensor
+    blocks: Tensor
+    slot: tuple[Tensor, Tensor]
+
+    @classmethod
+    def of(cls, G: Tensor, chosen: Tensor, rejected: Tensor) -> "PairBlocks":
+        pairs, pair_of = torch.unique(torch.stack([chosen, rejected], 1), dim=0, return_inverse=True)
+        order = torch.argsort(pair_of, stable=True)
+        counts = torch.bincount(pair_of, minlength=len(pairs))
+        first = torch.cumsum(counts, 0) - counts
+        position = torch.empty_like(pair_of)
+        position[order] = torch.arange(len(G)) - first[pair_of[order]]
+        blocks = torch.zeros(len(pairs), int(counts.max()), G.shape[1], dtype=G.dtype)
+        blocks[pair_of, position] = G
+        return cls(pairs, blocks, (pair_of, position))
+
+    def margins(self, delta_W: Tensor, beta: float) -> Tensor:
+        """:func:`margins` of every sample, in the original order."""
+        u = delta_W[self.pairs[:, 0]] - delta_W[self.pairs[:, 1]]
+        return beta * torch.bmm(self.blocks, u[:, :, None])[..., 0][self.slot]
+
+    def pair_sums(self, weight: Tensor) -> Tensor:
+        """``sum_{i in p} weight_i g_i`` for every pair ``p`` (shape ``(P, d)``)."""
+        w = torch.zeros(self.blocks.shape[:2], dtype=self.blocks.dtype)
+        w[self.slot] = weight
+        return torch.bmm(w[:, None, :], self.blocks)[:, 0]
+
+
 def gd_dpo(G: Tensor, chosen: Tensor, rejected: Tensor, *, vocab: int, beta: float, lr: float, steps: int,
            tests=(), keep_weights: bool = False) -> MarginRun:
     """Full-batch gradient descent on the mean DPO loss over ``W`` (only ``W - W_0`` matters).
 
     ``grad_W L = -(beta/N) sum_i sigma(-r_i) (y_wi - y_li) g_i^T``, so a step adds
-    ``lr beta/N sum_i sigma(-r_i) (e_{w_i} - e_{l_i}) g_i^T``. ``tests``: ``(G, chosen, rejected)``
-    triples whose margins are recorded too (never trained on)."""
+    ``lr beta/N sum_i sigma(-r_i) (e_{w_i} - e_{l_i}) g_i^T``: for each pair ``p``, its summed
+    ``sigma(-r_i) g_i`` to row ``y_w`` and minus it to row ``y_l`` (:class:`PairBlocks`). ``tests``:
+    ``(G, chosen, rejected)`` triples whose margins are recorded too (never trained on)."""
     N, d = G.shape
+    train_blocks, test_blocks = PairBlocks.of(G, chosen, rejected), [PairBlocks.of(*x) for x in tests]
     dW = torch.zeros(vocab, d, dtype=G.dtype)
     train, outs, Ws = [], [[] for _ in tests], [dW.clone()]
     for t in range(steps + 1):
-        r = margins(dW, G, chosen, rejected, beta)
+        r = train_blocks.margins(dW, beta)
         train.append(r)
-        for out, (Gt, ct, rt) in zip(outs, tests):
-            out.append(margins(dW, Gt, ct, rt, beta))
+        for out, blocks in zip(outs, test_blocks):
+            out.append(blocks.margins(dW, beta))
         if t == steps:
             break
-        weight = (torch.sigmoid(-r))[:, None] * G * (lr * beta / N)
-        dW = dW.index_add(0, chosen, weight).index_add(0, rejected, -weight)
+        push = train_blocks.pair_sums(torch.sigmoid(-r)) * (lr * beta / N)
+        dW = dW.index_add(0, train_blocks.pairs[:, 0], push).index_add(0, train_blocks.pairs[:, 1], -push)
         if keep_weights:
             Ws.append(dW.clone())
     if not keep_weights:
