@@ -262,3 +262,21 @@ def test_oscillation_ratio_separates_contracting_and_growing_orbits():
     assert it.oscillation_ratio(wild, u) > 0.9
     fast = it.iterate(it.mrs_ipo_step, start, 400, log_pi_ref=u, mu0=u.exp(), P=P, alpha=0.0, beta=0.5, lam=1.0)
     assert it.oscillation_ratio(fast, u) == 0.0          # converged to round-off: not an oscillation
+
+
+@pytest.mark.parametrize("step", [it.mrs_ipo_step, it.mrs_dpo_step])
+def test_a_batch_of_alphas_and_betas_iterates_like_each_cell_alone(step):
+    """The chapter's phase diagram runs every (alpha, beta) cell in one batch: same orbits and ratios
+    as one scalar run per cell."""
+    P = it.cyclic_preferences(0.4)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    start = F.log_softmax(u + torch.tensor([1e-3, 0, 0], dtype=D), -1)
+    cells = torch.cartesian_prod(torch.tensor([0.0, 0.5, 0.9], dtype=D), torch.tensor([0.5, 3.0], dtype=D))
+    batch = it.iterate(step, start.expand(len(cells), 3), 60, log_pi_ref=u, mu0=u.exp(), P=P,
+                       alpha=cells[:, :1], beta=cells[:, 1:], lam=1.0)
+    ratios = it.oscillation_ratio(batch, u)
+    assert ratios.shape == (len(cells),)
+    for i, (alpha, beta) in enumerate(cells.tolist()):
+        alone = it.iterate(step, start, 60, log_pi_ref=u, mu0=u.exp(), P=P, alpha=alpha, beta=beta, lam=1.0)
+        assert torch.allclose(batch[:, i], alone, atol=1e-12)
+        assert float(ratios[i]) == pytest.approx(float(it.oscillation_ratio(alone, u)), rel=1e-6)   # a ratio of small deviations

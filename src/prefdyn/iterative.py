@@ -98,11 +98,12 @@ def _mixtures(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, alpha: float, lam
     return ref, mu
 
 
-def mrs_ipo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha: float, beta: float,
+def mrs_ipo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha, beta,
                  lam: float) -> Tensor:
     """One round of iterated IPO, (eq. MAP): the population IPO optimum
     (:func:`prefdyn.tabular.ipo_optimum`, ``tau = 1/beta``) for the reference
-    ``∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler ``lam pi_t + (1-lam) mu0``."""
+    ``∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler ``lam pi_t + (1-lam) mu0``. ``alpha`` and
+    ``beta`` are numbers or tensors of shape ``(..., 1)``, one per policy of a batch ``(..., K)``."""
     ref, mu = _mixtures(log_pi, log_pi_ref, mu0, alpha, lam)
     return tabular.ipo_optimum(ref, P, mu, tau=1.0 / beta)
 
@@ -138,51 +139,54 @@ def minimise_newton(loss_fn: Callable[[Tensor], Tensor], logits0: Tensor, iters:
     return x
 
 
-def dpo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float, iters: int = 100,
+def dpo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta, iters: int = 100,
                 tol: float = 1e-13) -> Tensor:
     """``log pi*`` minimising the population DPO loss (:func:`prefdyn.tabular.population_dpo_loss`)
-    for any ``P`` and full-support ``mu``; leading batch dimensions allowed (``(..., K)``).
+    for any ``P`` and full-support ``mu``; leading batch dimensions allowed (``(..., K)``), and
+    ``beta`` may be a tensor broadcasting against them (shape ``(..., 1)``).
 
-    With ``g = log pi/pi_ref`` and ``s_ij = sigma(beta (g_i - g_j))`` the loss
-    ``-sum mu_i mu_j P_ij log s_ij`` has gradient ``beta mu_i sum_j mu_j (s_ij - P_ij)`` and Hessian
-    ``beta^2 (diag(mu * (S mu)) - diag(mu) S diag(mu))``, ``S_ij = s_ij (1 - s_ij)``: a weighted graph
-    Laplacian, singular along ``1`` (and along responses with ``mu_i = 0``). Damped Newton steps (halved until the loss does not
-    increase) from ``g = 0`` solve the first-order condition
-    ``sum_j mu_j sigma(beta (g_i - g_j)) = (P mu)_i``; for Bradley–Terry ``P`` it is ``g = r/beta + c``
-    whatever ``mu`` is.
+    With ``g = log pi/pi_ref`` the loss ``-sum mu_i mu_j P_ij log sigma(beta (g_i - g_j))`` depends on
+    ``g`` only through ``x = beta g``, so its minimiser is ``g* = x*/beta`` with ``x*`` the minimiser of
+    the ``beta = 1`` loss. With ``s_ij = sigma(x_i - x_j)`` that loss has gradient
+    ``mu_i sum_j mu_j (s_ij - P_ij)`` and Hessian ``diag(mu * (S mu)) - diag(mu) S diag(mu)``,
+    ``S_ij = s_ij (1 - s_ij)``: a weighted graph Laplacian, singular along ``1`` (and along responses
+    with ``mu_i = 0``). Damped Newton steps (halved until the loss does not increase) from ``x = 0``
+    solve the first-order condition ``sum_j mu_j sigma(x_i - x_j) = (P mu)_i``; for Bradley–Terry
+    ``P`` it is ``x = r + c`` whatever ``mu`` is. (Newton's method is invariant under the rescaling,
+    so these are the iterates of Newton on the ``beta`` loss, times ``beta``.)
     """
+    objectives._require_positive("beta", beta)
     _check = torch.broadcast_shapes(log_pi_ref.shape, mu.shape)
-    g = torch.zeros(_check, dtype=torch.float64)
+    x = torch.zeros(_check, dtype=torch.float64)
     mu = mu.to(torch.float64).expand(_check)
     P = P.to(torch.float64)
 
-    def loss(g):
-        h = beta * (g[..., :, None] - g[..., None, :])
-        return -(mu[..., :, None] * mu[..., None, :] * P * F.logsigmoid(h)).sum((-2, -1))
+    def loss(x):
+        return -(mu[..., :, None] * mu[..., None, :] * P * F.logsigmoid(x[..., :, None] - x[..., None, :])).sum((-2, -1))
 
-    f = loss(g)
+    f = loss(x)
     for _ in range(iters):
-        s = torch.sigmoid(beta * (g[..., :, None] - g[..., None, :]))
-        grad = beta * mu * ((s - P) * mu[..., None, :]).sum(-1)
+        s = torch.sigmoid(x[..., :, None] - x[..., None, :])
+        grad = mu * ((s - P) * mu[..., None, :]).sum(-1)
         if grad.abs().max() < tol:
             break
         S = s * (1 - s)
-        H = beta ** 2 * (torch.diag_embed(mu * (S * mu[..., None, :]).sum(-1)) - mu[..., :, None] * S * mu[..., None, :])
+        H = torch.diag_embed(mu * (S * mu[..., None, :]).sum(-1)) - mu[..., :, None] * S * mu[..., None, :]
         # pseudo-inverse: the shift 1 and responses mu never samples (mu_i -> 0) stay where they are
         step = (torch.linalg.pinv(H, hermitian=True, rtol=1e-12) @ -grad.unsqueeze(-1)).squeeze(-1)
-        t = torch.ones(g.shape[:-1] + (1,), dtype=torch.float64)
+        t = torch.ones(x.shape[:-1] + (1,), dtype=torch.float64)
         for _ in range(40):                       # per-element backtracking
-            f_new = loss(g + t * step)
+            f_new = loss(x + t * step)
             bad = (f_new > f + 1e-15).unsqueeze(-1)
             if not bad.any():
                 break
             t = torch.where(bad, t / 2, t)
-        g = g + t * step
-        f = loss(g)
-    return F.log_softmax(log_pi_ref + g, dim=-1)
+        x = x + t * step
+        f = loss(x)
+    return F.log_softmax(log_pi_ref + x / beta, dim=-1)
 
 
-def mrs_dpo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha: float, beta: float,
+def mrs_dpo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha, beta,
                  lam: float) -> Tensor:
     """One round of iterated DPO: :func:`dpo_optimum` for the mixed reference and sampler of
     :func:`mrs_ipo_step` (``beta`` is DPO's beta here)."""
@@ -293,18 +297,16 @@ def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() - log_q.exp()).abs().sum(-1) / 2
 
 
-def oscillation_ratio(traj: Tensor, centre: Tensor, floor: float = 1e-10) -> float:
+def oscillation_ratio(traj: Tensor, centre: Tensor, floor: float = 1e-10) -> Tensor:
     """``max_{t in last quarter} ||pi_t - c|| / max_{t in second quarter} ||pi_t - c||`` for a
-    trajectory of log-policies: below 1 when the orbit contracts to ``c``, about 1 or more when it
+    trajectory of log-policies ``(T+1, ..., K)``, one ratio per trajectory (shape ``(...)``): below 1 when the orbit contracts to ``c``, about 1 or more when it
     grows or keeps oscillating. ``c`` is the fixed point under test. An orbit whose last quarter
     stays within ``floor`` of ``c`` has converged (to round-off, where the ratio of two round-off
     errors means nothing) and gets ratio 0."""
     dev = (traj.exp() - centre.exp()).norm(dim=-1)
     T = len(traj)
-    mid, tail = dev[T // 4: T // 2], dev[3 * T // 4:]
-    if tail.max() < floor:
-        return 0.0
-    return (tail.max() / mid.max().clamp_min(1e-300)).item()
+    mid, tail = dev[T // 4: T // 2].amax(0), dev[3 * T // 4:].amax(0)
+    return torch.where(tail < floor, 0.0, tail / mid.clamp_min(1e-300))
 
 
 def entropy_upper_bound(log_odds: Tensor) -> Tensor:

@@ -40,9 +40,10 @@ __all__ = [
 ]
 
 
-def _require_positive(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless the regularisation strength is > 0 (NaN rejected too)."""
-    if not value > 0:
+def _require_positive(name: str, value) -> None:
+    """Raise ``ValueError`` unless the regularisation strength (a number, or a tensor of them) is > 0
+    (NaN rejected too)."""
+    if not bool(torch.all(torch.as_tensor(value) > 0)):
         raise ValueError(f"{name} must be a positive number (the KL-regularisation strength), got {value!r}")
 
 
