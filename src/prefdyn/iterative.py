@@ -298,9 +298,9 @@ def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def oscillation_ratio(traj: Tensor, centre: Tensor, floor: float = 1e-10) -> Tensor:
-    """``max_{t in last quarter} ||pi_t - c|| / max_{t in second quarter} ||pi_t - c||`` for a
-    trajectory of log-policies ``(T+1, ..., K)``, one ratio per trajectory (shape ``(...)``): below 1 when the orbit contracts to ``c``, about 1 or more when it
-    grows or keeps oscillating. ``c`` is the fixed point under test. An orbit whose last quarter
+    """``max_{t in last quarter} ||pi_t - c|| / max_{t in second quarter} ||pi_t - c||`` for
+    trajectories of log-policies ``(T+1, ..., K)``, one ratio per trajectory (shape ``(...)``):
+    below 1 when the orbit contracts to ``c``, about 1 or more when it grows or keeps oscillating. ``c`` is the fixed point under test. An orbit whose last quarter
     stays within ``floor`` of ``c`` has converged (to round-off, where the ratio of two round-off
     errors means nothing) and gets ratio 0."""
     dev = (traj.exp() - centre.exp()).norm(dim=-1)
