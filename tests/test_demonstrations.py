@@ -203,8 +203,19 @@ def test_shipped_demonstrations_all_satisfy_the_criterion():
 
 
 @pytest.mark.slow
-def test_per_token_nll_and_a_short_sft_run_on_the_real_model(smol):
+def test_per_token_nll_and_a_short_sft_run_on_the_real_model(smol, monkeypatch):
     from prefdyn import models, training
+
+    entered = []
+
+    class Recording:                                # stands in for the autocast context of a GPU
+        def __enter__(self):
+            entered.append(torch.is_grad_enabled())
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(afd, "forward_precision", lambda device: Recording())
 
     tok = smol.tokenizer
     demos = afd.load_demonstrations()[:4]
@@ -219,6 +230,7 @@ def test_per_token_nll_and_a_short_sft_run_on_the_real_model(smol):
         training.train_only_top_blocks(smol.model, 1)
         losses = afd.sft_train(smol, prompts, completions, steps=4, batch_size=4, lr=3e-4, seed=0)
         assert len(losses) == 4 and losses[-1] < losses[0]
+        assert entered == [True] * 4                # every training forward runs in the training precision
         assert afd.per_token_nll(smol, prompts, completions).mean() < nll.mean()
     finally:
         with torch.no_grad():

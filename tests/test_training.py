@@ -80,3 +80,17 @@ def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "prefdyn", "train", "--steps", "1", "--model", "gpt-17"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is not a known name" in bad.stderr
+
+
+def test_forward_precision_is_bf16_autocast_on_a_gpu_and_fp32_elsewhere():
+    import contextlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # on a machine without CUDA, torch warns it will disable it
+        gpu = training.forward_precision(torch.device("cuda"))
+    assert isinstance(gpu, torch.autocast) and gpu.device == "cuda" and gpu.fast_dtype == torch.bfloat16
+    cpu = training.forward_precision(torch.device("cpu"))
+    assert isinstance(cpu, contextlib.nullcontext)
+    with cpu:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

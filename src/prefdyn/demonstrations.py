@@ -42,6 +42,7 @@ from torch import Tensor
 
 from . import objectives
 from .models import Policy, encode, sequence_logps
+from .training import forward_precision
 
 # --------------------------------------------------------------------------------------------
 # 1. The enumerable autoregressive toy
@@ -405,7 +406,8 @@ def golden_score(response: str, answers: Sequence[str], max_words: int = MAX_WOR
 def sft_train(policy: Policy, prompts: Sequence[str], completions: Sequence[str], *, steps: int, batch_size: int,
               lr: float, seed: int) -> list[float]:
     """Supervised fine-tuning: AdamW on the mean per-token NLL (:func:`objectives.sft_nll`) of the
-    completions, in place, over the trainable weights (see :func:`prefdyn.training.train_only_top_blocks`).
+    completions, in place, over the trainable weights (see :func:`prefdyn.training.train_only_top_blocks`),
+    forward passes in :func:`prefdyn.training.forward_precision` (bf16 autocast on a GPU).
 
     ``prompts`` are chat-templated; ``completions`` should end with the end-of-turn token so the
     policy learns to stop. Batches follow a seeded permutation, epoch after epoch. Returns the
@@ -414,6 +416,7 @@ def sft_train(policy: Policy, prompts: Sequence[str], completions: Sequence[str]
     if steps < 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"need steps >= 0, batch_size > 0, lr > 0 (got {steps}, {batch_size}, {lr})")
     model, device = policy.model, policy.device
+    precision = forward_precision(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -425,7 +428,9 @@ def sft_train(policy: Policy, prompts: Sequence[str], completions: Sequence[str]
         index, order = order[:batch_size], order[batch_size:]
         batch = encode(policy.tokenizer, [prompts[i] for i in index], [completions[i] for i in index]).to(device)
         n_tokens = (batch.labels != -100).sum(-1)
-        loss = objectives.sft_nll(sequence_logps(model, batch), n_tokens).mean()
+        with precision:
+            logps = sequence_logps(model, batch)
+        loss = objectives.sft_nll(logps, n_tokens).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

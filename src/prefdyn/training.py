@@ -13,6 +13,7 @@ autocast.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,6 +24,14 @@ from . import objectives
 from .models import EncodedPairs, Policy, chat_prompt, encoded_logps, preference_logps
 
 LOSSES = {"dpo": objectives.dpo_loss, "ipo": objectives.ipo_loss}
+
+
+def forward_precision(device: torch.device):
+    """The context every training forward pass runs in: bf16 autocast on a GPU (weights, gradients
+    and optimizer state stay fp32), plain fp32 elsewhere. Reusable across steps."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -132,8 +141,7 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
     model, optimizer = accelerator.prepare(policy.model, optimizer)
     batches = batch_indices(encoded.lengths, batch_size, seed, bucket)
     history: list[dict] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    precision = forward_precision(device)
     for step in tqdm(range(steps + 1), disable=not progress or not accelerator.is_main_process,
                      desc=f"{loss} training"):
         record: dict = {"step": step}
@@ -145,7 +153,7 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
             break
         index = next(batches)[accelerator.process_index::accelerator.num_processes]
         model.train()
-        with autocast:
+        with precision:
             chosen, rejected = encoded.logps(model, index, device)
         ref_chosen, ref_rejected = reference.chosen[index].to(device), reference.rejected[index].to(device)
         losses = LOSSES[loss](chosen, rejected, ref_chosen, ref_rejected, beta)
