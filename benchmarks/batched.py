@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefdyn import dynamics as dyn
-from prefdyn import generalization as gen
-from prefdyn import iterative as it
+from prefdyn.theory import dynamics as dyn
+from prefdyn.theory import generalization as gen
+from prefdyn.theory import iterative as it
 
 
 def ch02(args):

@@ -3,7 +3,7 @@
     python benchmarks/compile.py [--device cpu|cuda] [--layers 2] [--steps 12] [--batch 4]
 
 Trains two copies of SmolLM2-135M (cut to its first ``--layers`` blocks; 0 keeps all) with the
-project's DPO step on persona yes/no pairs (:class:`prefdyn.models.EncodedPairs`, AdamW), one eager
+project's DPO step on persona yes/no pairs (:class:`prefdyn.llm.logps.EncodedPairs`, AdamW), one eager
 and one with ``torch.compile(model.forward, dynamic=True)``, on the same batches (whose lengths vary,
 as in the chapters). Prints the compilation time (the first compiled step) and the mean step time of
 each over the steps after the first two, and their ratio.
@@ -16,10 +16,13 @@ import time
 
 import torch
 
-from prefdyn import data, models, objectives, training
+from prefdyn import objectives
+from prefdyn.datasets.persona import load_persona
+from prefdyn.experiments.persona import persona_pairs
+from prefdyn.llm import logps, models
 
 
-def steps(policy: models.Policy, model, encoded: models.EncodedPairs, n: int, batch: int) -> list[float]:
+def steps(policy: models.Policy, model, encoded: logps.EncodedPairs, n: int, batch: int) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6)
     times = []
     for s in range(n):
@@ -45,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     policy = models.load_policy("smollm2-135m", args.device)
     if args.layers:
-        del training.transformer_blocks(policy.model)[args.layers:]
+        del models.transformer_blocks(policy.model)[args.layers:]
         policy.model.config.num_hidden_layers = args.layers
-    examples = [e for group in data.load_persona(max_per_behaviour=8).values() for e in group]
-    pairs = training.persona_pairs(policy.tokenizer, examples)
-    encoded = models.EncodedPairs.of(policy.tokenizer, pairs.prompts, pairs.chosen, pairs.rejected)
+    examples = [e for group in load_persona(max_per_behaviour=8).values() for e in group]
+    pairs = persona_pairs(policy.tokenizer, examples)
+    encoded = logps.EncodedPairs.of(policy.tokenizer, pairs.prompts, pairs.chosen, pairs.rejected)
     eager = steps(policy, copy.deepcopy(policy.model), encoded, args.steps, args.batch)
     compiled_model = copy.deepcopy(policy.model)
     compiled_model.forward = torch.compile(compiled_model.forward, dynamic=True)

@@ -95,11 +95,12 @@ def text_examples(n: int = 64) -> list[tuple[str, str, str]]:
 
 
 def make_pairs(kind: str, tokenizer, n: int, seed: int):
-    from prefdyn.models import chat_prompt
-    from prefdyn.training import PreferencePairs, persona_pairs
+    from prefdyn.experiments.persona import persona_pairs
+    from prefdyn.llm.models import chat_prompt
+    from prefdyn.llm.train import PreferencePairs
 
     if kind == "persona":
-        from prefdyn.data import load_persona
+        from prefdyn.datasets.persona import load_persona
 
         per_behaviour = -(-n // 11) + 1
         by_behaviour = load_persona(max_per_behaviour=per_behaviour, seed=seed)
@@ -199,9 +200,9 @@ def _checksum(model) -> float:
 # --- the two workers -----------------------------------------------------------------------------
 
 def run_prefdyn(policy, pairs, args) -> dict:
-    from prefdyn.training import ReferenceLogps, train_preferences
+    from prefdyn.llm.train import ReferenceLogps, train_preferences
 
-    reference = ReferenceLogps.of(policy, pairs)  # untimed, as TRL's precompute_ref_log_probs is
+    reference = ReferenceLogps.of(policy, pairs, length_normalised=args.loss == "ipo")  # untimed, as TRL's precompute
     stamps: list[float] = []
 
     def clock(step: int) -> dict:  # called before every step and after the last one
@@ -212,8 +213,12 @@ def run_prefdyn(policy, pairs, args) -> dict:
     memory = PeakMemory(args.device)
     memory.start()
     start = time.perf_counter()
-    history = train_preferences(policy, pairs, loss="dpo", beta=args.beta, steps=args.steps, batch_size=args.batch,
-                                lr=args.lr, seed=args.seed, reference=reference, evaluate=clock, eval_every=1,
+    # TRL's beta is DPO's beta, and for loss_type="ipo" Azar et al.'s tau with length-normalised log-probs:
+    # in prefdyn's notation that is loss="ipo", beta=1/tau, length_normalised=True
+    ipo = args.loss == "ipo"
+    history = train_preferences(policy, pairs, loss=args.loss, beta=1 / args.beta if ipo else args.beta,
+                                steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
+                                reference=reference, evaluate=clock, eval_every=1, length_normalised=ipo,
                                 progress=False)
     _sync(args.device)
     call = time.perf_counter() - start
@@ -268,7 +273,7 @@ def run_trl(policy, pairs, args) -> dict:
 
     cuda = args.device == "cuda"
     config = trl.DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl_dpo_bench_"), beta=args.beta, loss_type="sigmoid",
+        output_dir=tempfile.mkdtemp(prefix="trl_dpo_bench_"), beta=args.beta, loss_type="sigmoid" if args.loss == "dpo" else "ipo",
         per_device_train_batch_size=args.batch, learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_steps=args.steps, max_grad_norm=0.0,
         bf16=cuda, fp16=False, use_cpu=not cuda, gradient_checkpointing=False, max_length=None,
@@ -301,7 +306,7 @@ def worker(args) -> None:
     import torch
     import transformers
 
-    from prefdyn.models import load_policy
+    from prefdyn.llm.models import load_policy
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -321,7 +326,7 @@ def prepare_model(args, folder: Path) -> dict:
     Hugging Face folder that both workers load (identical weights, fast loading)."""
     import torch
 
-    from prefdyn.models import load_policy
+    from prefdyn.llm.models import load_policy
 
     policy = load_policy(args.model, "cpu")
     model, total = policy.model, None
@@ -384,12 +389,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=None, help="default 4 on cpu, 8 on cuda")
-    parser.add_argument("--model", default="smollm2-135m", help="any prefdyn.models.load_policy spec")
+    parser.add_argument("--model", default="smollm2-135m", help="any prefdyn.llm.models.load_policy spec")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N transformer blocks (0: all); default 2 on cpu, all on cuda")
     parser.add_argument("--pairs", default="persona,text", help="persona, text, or persona,text")
     parser.add_argument("--n-pairs", type=int, default=64)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.1, help="TRL's beta (for --loss ipo: IPO's tau)")
+    parser.add_argument("--loss", choices=["dpo", "ipo"], default="dpo",
+                        help="sigmoid DPO, or TRL's length-normalised IPO (prefdyn: loss='ipo', beta=1/tau, "
+                             "length_normalised=True)")
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -428,7 +436,7 @@ def main(argv=None) -> int:
         print(f"model {model_info['model']}: {model_info['blocks_kept']}/{model_info['blocks_total']} blocks, "
               f"{model_info['parameters'] / 1e6:.1f}M parameters, all trained")
         passthrough = ["--device", args.device, "--steps", str(args.steps), "--batch", str(args.batch),
-                       "--n-pairs", str(args.n_pairs), "--beta", repr(args.beta), "--lr", repr(args.lr),
+                       "--n-pairs", str(args.n_pairs), "--beta", repr(args.beta), "--lr", repr(args.lr), "--loss", args.loss,
                        "--seed", str(args.seed), "--model-dir", folder, "--layers", str(args.layers)]
         for kind in [k.strip() for k in args.pairs.split(",") if k.strip()]:
             runs = {}

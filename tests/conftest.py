@@ -4,12 +4,24 @@ from pathlib import Path
 
 import pytest
 
-from prefdyn import models, pipeline
+from prefdyn.book import build, execute
+from prefdyn.llm import models
 
 REPO = Path(__file__).resolve().parents[1]
 # PREFDYN_TEST_CHAPTERS=ch01-rlhf-dpo-ipo,... limits the notebook tests to some chapters while one is written
 CHAPTERS = [c for c in sorted(p.stem for p in (REPO / "chapters").glob("*.md"))
             if not os.environ.get("PREFDYN_TEST_CHAPTERS") or c in os.environ["PREFDYN_TEST_CHAPTERS"].split(",")]
+
+
+MODEL_FIXTURES = {"smol", "book"}   # a test that uses one of these loads the real model or executes notebooks
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that loads the model or runs notebooks as ``slow``, so ``make test-fast``
+    (``-m "not slow"``) runs neither."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +44,6 @@ def book(tmp_path_factory):
                            if "book/_executed/ch" not in line or line.split("/")[-1].strip() in CHAPTERS))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
-        results = {c: pipeline.run_chapter(c, "smoke", "cpu") for c in CHAPTERS}
-        html = pipeline.build_book() if all(r.status != "failed" for r in results.values()) else None
+        results = {c: execute.run_chapter(c, "smoke", "cpu") for c in CHAPTERS}
+        html = build.build_book() if all(r.status != "failed" for r in results.values()) else None
         yield top, results, html

@@ -9,7 +9,7 @@ import pytest
 from bs4 import BeautifulSoup
 from conftest import CHAPTERS
 
-from prefdyn import pipeline
+from prefdyn.book import execute
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_second_run_is_served_from_the_cache(book):
     top, _, _ = book
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
-        again = pipeline.run_chapter(CHAPTERS[0], "smoke", "cpu")
+        again = execute.run_chapter(CHAPTERS[0], "smoke", "cpu")
     assert again.status == "cached" and again.checks
 
 
@@ -59,7 +59,7 @@ def test_same_seed_and_scale_give_identical_checks(book, chapter):
     top, results, _ = book
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
-        again = pipeline.run_chapter(chapter, "smoke", "cpu", force=True)
+        again = execute.run_chapter(chapter, "smoke", "cpu", force=True)
     assert again.status == "executed", again.error
     assert again.checks == results[chapter].checks
 

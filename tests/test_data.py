@@ -1,4 +1,4 @@
-"""Tests for prefdyn.data: the packaged persona files and the loader."""
+"""Tests for prefdyn.datasets.persona: the packaged persona files and the loader."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from prefdyn.data import (
+from prefdyn.datasets.persona import (
     PACKAGED_DATA_DIR,
     PersonaExample,
     PersonaFormatError,

@@ -1,4 +1,4 @@
-"""Every formula of prefdyn.demonstrations against an independent computation."""
+"""Every formula of prefdyn.theory.demonstrations against an independent computation."""
 import itertools
 import math
 import re
@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from prefdyn import demonstrations as afd
 from prefdyn import tabular
+from prefdyn.datasets.demonstrations import (
+    golden_components,
+    golden_score,
+    load_demonstrations,
+)
+from prefdyn.theory import demonstrations as afd
 
 
 @pytest.fixture
@@ -187,57 +192,19 @@ def test_pool_estimator_is_unbiased_for_the_exact_bon_mean():
 
 
 def test_golden_criterion():
-    assert afd.golden_score("The capital of France is Paris.", ["Paris"]) == 1.0
-    assert afd.golden_components("Paris is lovely and", ["Paris"]) == {"correct": True, "complete": False, "concise": True}
-    assert afd.golden_score("It is 120.", ["12", "twelve"]) == pytest.approx(2 / 3)
-    assert afd.golden_score(" ".join(["word"] * 13) + ".", ["cold"]) == pytest.approx(1 / 3)
-    assert afd.golden_score("", ["x"]) == 0.0
+    assert golden_score("The capital of France is Paris.", ["Paris"]) == 1.0
+    assert golden_components("Paris is lovely and", ["Paris"]) == {"correct": True, "complete": False, "concise": True}
+    assert golden_score("It is 120.", ["12", "twelve"]) == pytest.approx(2 / 3)
+    assert golden_score(" ".join(["word"] * 13) + ".", ["cold"]) == pytest.approx(1 / 3)
+    assert golden_score("", ["x"]) == 0.0
 
 
 def test_shipped_demonstrations_all_satisfy_the_criterion():
-    demos = afd.load_demonstrations()
+    demos = load_demonstrations()
     assert len(demos) >= 64 and len({d.id for d in demos}) == len(demos)
     for d in demos:
-        assert afd.golden_score(d.completion, d.answers) == 1.0, d
-        assert afd.golden_components(d.prompt, d.answers)["correct"] is False, d  # the answer is not in the question
-
-
-@pytest.mark.slow
-def test_per_token_nll_and_a_short_sft_run_on_the_real_model(smol, monkeypatch):
-    from prefdyn import models, training
-
-    entered = []
-
-    class Recording:                                # stands in for the autocast context of a GPU
-        def __enter__(self):
-            entered.append(torch.is_grad_enabled())
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(afd, "forward_precision", lambda device: Recording())
-
-    tok = smol.tokenizer
-    demos = afd.load_demonstrations()[:4]
-    prompts = [models.chat_prompt(tok, d.prompt) for d in demos]
-    completions = [d.completion + tok.eos_token for d in demos]
-    nll = afd.per_token_nll(smol, prompts, completions)
-    logps = models.response_logps(smol, prompts, completions)
-    n_tokens = torch.tensor([len(tok.encode(c, add_special_tokens=False)) for c in completions])
-    assert torch.allclose(nll, -logps / n_tokens, atol=1e-5)
-    saved = {k: v.detach().clone() for k, v in smol.model.named_parameters()}
-    try:
-        training.train_only_top_blocks(smol.model, 1)
-        losses = afd.sft_train(smol, prompts, completions, steps=4, batch_size=4, lr=3e-4, seed=0)
-        assert len(losses) == 4 and losses[-1] < losses[0]
-        assert entered == [True] * 4                # every training forward runs in the training precision
-        assert afd.per_token_nll(smol, prompts, completions).mean() < nll.mean()
-    finally:
-        with torch.no_grad():
-            for k, p in smol.model.named_parameters():
-                p.copy_(saved[k])
-        smol.model.requires_grad_(True)
-        smol.model.eval()
+        assert golden_score(d.completion, d.answers) == 1.0, d
+        assert golden_components(d.prompt, d.answers)["correct"] is False, d  # the answer is not in the question
 
 
 def test_bad_demonstration_files_name_the_file_line_and_format(tmp_path):
@@ -252,6 +219,6 @@ def test_bad_demonstration_files_name_the_file_line_and_format(tmp_path):
         if text is not None:
             (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
-            afd.load_demonstrations(tmp_path / name)
+            load_demonstrations(tmp_path / name)
     (tmp_path / "ok.jsonl").write_text(good + "\n")
-    assert afd.load_demonstrations(tmp_path / "ok.jsonl")[0].answers == ("Paris",)
+    assert load_demonstrations(tmp_path / "ok.jsonl")[0].answers == ("Paris",)

@@ -1,4 +1,4 @@
-"""The formulas of prefdyn.dynamics against independent computations (autograd on an explicit
+"""The formulas of prefdyn.theory.dynamics against independent computations (autograd on an explicit
 softmax, brute force, closed forms, Monte Carlo). All float64 and fast."""
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefdyn import dynamics as dyn
+from prefdyn.theory import dynamics as dyn
 
 YES, NO = 2, 5
 

@@ -1,4 +1,4 @@
-"""The formulas of prefdyn.generalization against independent computations: autograd on an explicit
+"""The formulas of prefdyn.theory.generalization against independent computations: autograd on an explicit
 softmax, brute force over one-hot vectors, scipy's ODE solver, Monte Carlo, closed forms."""
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefdyn import dynamics as dyn
-from prefdyn import generalization as gen
+from prefdyn.theory import dynamics as dyn
+from prefdyn.theory import generalization as gen
 
 
 def small(K=3, Q=5, d=8, v=0.2, l_b=0.5, shared=False, seed=0):

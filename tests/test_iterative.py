@@ -1,4 +1,4 @@
-"""The formulas of prefdyn.iterative against independent computations: gradient descent on the
+"""The formulas of prefdyn.theory.iterative against independent computations: gradient descent on the
 population losses, autograd Jacobians of the map, brute-force enumeration, explicit loops."""
 import math
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefdyn import iterative as it
 from prefdyn import objectives, tabular
+from prefdyn.experiments.ch04 import assign_candidates
+from prefdyn.theory import iterative as it
 
 D = torch.float64
 
@@ -235,7 +236,7 @@ def test_assign_candidates_uses_the_first_token():
                     return [i, 99]
             return [0] if text else []
 
-    assert it.assign_candidates(Tok(), ["Rock!", "Scissors", "I pick", ""], [1, 2, 3]) == [0, 2, -1, -1]
+    assert assign_candidates(Tok(), ["Rock!", "Scissors", "I pick", ""], [1, 2, 3]) == [0, 2, -1, -1]
 
 
 def test_iterate_at_alpha_one_collapses_with_the_proved_rate():

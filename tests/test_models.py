@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from prefdyn import models
+from prefdyn.llm import features, logps, models, tokens
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_response_logps_match_a_manual_token_by_token_computation(smol):
     tok = smol.tokenizer
     prompts = [models.chat_prompt(tok, "Say yes."), models.chat_prompt(tok, "Name a colour, please.")]
     responses = ["Yes", "Blue is a colour."]
-    got = models.response_logps(smol, prompts, responses)
+    got = logps.response_logps(smol, prompts, responses)
     for prompt, response, value in zip(prompts, responses, got):
         p = tok.encode(prompt, add_special_tokens=False)
         r = tok.encode(response, add_special_tokens=False)
@@ -36,7 +36,7 @@ def test_response_logps_match_a_manual_token_by_token_computation(smol):
 def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(smol, tmp_path, monkeypatch):
     tok = smol.tokenizer
     texts = [models.chat_prompt(tok, "Is the sky blue?"), models.chat_prompt(tok, "Two plus two?")]
-    emb = models.embeddings(smol, texts + texts[:1], cache=tmp_path)
+    emb = features.embeddings(smol, texts + texts[:1], cache=tmp_path)
     assert emb.shape == (3, smol.model.config.hidden_size) and torch.equal(emb[0], emb[2])
     with torch.no_grad():
         ids = tok.encode(texts[1], add_special_tokens=False)
@@ -46,19 +46,19 @@ def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(smol, tmp_pa
     def must_not_run(*args, **kwargs):
         raise AssertionError("cached embeddings were recomputed")
 
-    monkeypatch.setattr(models, "last_token_states", must_not_run)
-    assert torch.equal(models.embeddings(smol, texts, cache=tmp_path), emb[:2])
+    monkeypatch.setattr(features, "last_token_states", must_not_run)
+    assert torch.equal(features.embeddings(smol, texts, cache=tmp_path), emb[:2])
     monkeypatch.undo()
     # once the weights change (training), the cached features of the old weights are not served
     norm = smol.model.model.norm.weight
     with torch.no_grad():
         norm.mul_(2.0)
         try:
-            changed = models.embeddings(smol, texts, cache=tmp_path)
+            changed = features.embeddings(smol, texts, cache=tmp_path)
         finally:
             norm.div_(2.0)
     assert torch.allclose(changed, 2 * emb[:2], rtol=1e-4, atol=1e-5)
-    assert torch.equal(models.embeddings(smol, texts, cache=tmp_path), emb[:2])
+    assert torch.equal(features.embeddings(smol, texts, cache=tmp_path), emb[:2])
 
 
 def test_single_token_answers(smol):
@@ -109,16 +109,16 @@ def test_yes_no_fast_path_equals_the_concatenated_sequences(smol):
     tok = smol.tokenizer
     prompts = [models.chat_prompt(tok, q) for q in ("Do you like music?", "Is fire cold?", "Are you a robot, really?")]
     chosen, rejected = ["Yes", "No", "Yes"], ["No", "Yes", "No"]
-    fast_w, fast_l = models.preference_logps(smol, prompts, chosen, rejected)
-    assert models.single_token_responses(tok, chosen + rejected) is not None
-    assert torch.allclose(fast_w, models.response_logps(smol, prompts, chosen), atol=1e-4)
-    assert torch.allclose(fast_l, models.response_logps(smol, prompts, rejected), atol=1e-4)
-    slow_w, slow_l = models.preference_logps(smol, prompts, ["Yes, I do", "No", "Yes"], rejected)
+    fast_w, fast_l = logps.preference_logps(smol, prompts, chosen, rejected)
+    assert tokens.single_token_responses(tok, chosen + rejected) is not None
+    assert torch.allclose(fast_w, logps.response_logps(smol, prompts, chosen), atol=1e-4)
+    assert torch.allclose(fast_l, logps.response_logps(smol, prompts, rejected), atol=1e-4)
+    slow_w, slow_l = logps.preference_logps(smol, prompts, ["Yes, I do", "No", "Yes"], rejected)
     assert torch.allclose(slow_l, fast_l, atol=1e-4) and torch.allclose(slow_w[1:], fast_w[1:], atol=1e-4)
 
 
 def test_sampling_is_seeded_cached_and_keyed_by_the_weights(smol, tmp_path, monkeypatch):
-    from prefdyn import sampling
+    from prefdyn.llm import sampling
 
     prompts = [models.chat_prompt(smol.tokenizer, q) for q in ("Name a colour.", "Say hello.")]
     first = sampling.sample_responses(smol, prompts, 3, max_new_tokens=6, seed=1, cache=tmp_path)
@@ -141,3 +141,33 @@ def test_sampling_is_seeded_cached_and_keyed_by_the_weights(smol, tmp_path, monk
     assert before != after and sampling.weights_digest(smol.model) == before
     with pytest.raises(ValueError, match="n >= 1"):
         sampling.sample_responses(smol, prompts, 0, max_new_tokens=6, seed=1, cache=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_dequantised_cache_equals_the_gguf_and_is_rebuilt_when_corrupt(smol, tmp_path, monkeypatch):
+    """The safetensors copy gives the GGUF's own weights, tokens and logits; a corrupt copy is rebuilt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    source, kwargs, fingerprint = models.resolve_spec("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs).eval()
+    direct_tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    cached = models.load_policy("smollm2-135m")          # builds the copy in tmp_path
+    folder = models.dequantised_folder(fingerprint)
+    assert folder.parent.parent == tmp_path and models.verify_dequantised(folder)
+    assert cached.fingerprint == fingerprint == smol.fingerprint
+    assert cached.model.lm_head.weight is cached.model.model.embed_tokens.weight
+    assert models.weights_digest(cached.model) == models.weights_digest(direct)
+    text = models.chat_prompt(direct_tok, "What is the capital of France?")
+    assert models.chat_prompt(cached.tokenizer, "What is the capital of France?") == text
+    ids = direct_tok.encode(text, add_special_tokens=False)
+    assert cached.tokenizer.encode(text, add_special_tokens=False) == ids
+    with torch.no_grad():
+        assert torch.equal(cached.model(torch.tensor([ids])).logits, direct(torch.tensor([ids])).logits)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF                          # one flipped byte deep inside the weights
+    weights.write_bytes(bytes(data))
+    assert not models.verify_dequantised(folder)
+    again = models.load_policy("smollm2-135m")
+    assert models.verify_dequantised(folder) and models.weights_digest(again.model) == models.weights_digest(direct)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from prefdyn import pipeline
+from prefdyn.book import build, execute, runs
 
 
 def prefdyn(*args):
@@ -15,7 +15,7 @@ def prefdyn(*args):
 def test_list_prints_one_chapter_id_per_line():
     out = prefdyn("list")
     assert out.returncode == 0
-    assert out.stdout.split() == pipeline.chapter_ids() and "ch01-rlhf-dpo-ipo" in out.stdout.split()
+    assert out.stdout.split() == runs.chapter_ids() and "ch01-rlhf-dpo-ipo" in out.stdout.split()
 
 
 def test_unknown_scale_is_refused_by_the_command_line():
@@ -31,38 +31,39 @@ def test_unknown_chapter_and_parameter_fail_before_any_execution():
 
 
 def test_every_chapter_declares_the_common_parameters():
-    for chapter in pipeline.chapter_ids():
-        assert {"scale", "device", "seed", "model", "checks_path"} <= set(pipeline.declared_parameters(chapter))
+    for chapter in runs.chapter_ids():
+        declared = set(execute.declared_parameters(chapter))
+        assert {"scale", "device", "seed", "model"} <= declared and "checks_path" not in declared
 
 
 @pytest.mark.parametrize("text,value", [("3", 3), ("0.5", 0.5), ("true", True), ('["a", "b"]', ["a", "b"]),
                                         ("cpu", "cpu"), ("/tmp/x.gguf", "/tmp/x.gguf")])
 def test_parse_value(text, value):
-    assert pipeline.parse_value(text) == value
+    assert execute.parse_value(text) == value
 
 
 def test_run_key_changes_with_parameters_and_source(tmp_path, monkeypatch):
-    chapter = pipeline.chapter_ids()[0]
-    a = pipeline.run_key(chapter, {"scale": "ci"})
-    assert a == pipeline.run_key(chapter, {"scale": "ci"})
-    assert a != pipeline.run_key(chapter, {"scale": "smoke"})
+    chapter = runs.chapter_ids()[0]
+    a = execute.run_key(chapter, {"scale": "ci"})
+    assert a == execute.run_key(chapter, {"scale": "ci"})
+    assert a != execute.run_key(chapter, {"scale": "smoke"})
     (tmp_path / "chapters").mkdir()
-    src = pipeline.chapter_source(chapter).read_text()
+    src = runs.chapter_source(chapter).read_text()
     (tmp_path / "chapters" / f"{chapter}.md").write_text(src + "\n<!-- edited -->\n")
     monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
-    assert pipeline.run_key(chapter, {"scale": "ci"}) != a
+    assert execute.run_key(chapter, {"scale": "ci"}) != a
 
 
 def test_book_refuses_to_build_before_chapters_are_executed(tmp_path, monkeypatch):
     (tmp_path / "chapters").mkdir()
     (tmp_path / "chapters" / "chx.md").write_text("# x\n")
     monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
-    with pytest.raises(pipeline.ChapterError, match="have not been executed"):
-        pipeline.build_book()
+    with pytest.raises(runs.ChapterError, match="have not been executed"):
+        build.build_book()
 
 
 def test_record_keeps_checks_with_hardware_and_is_rendered(tmp_path, monkeypatch):
-    from prefdyn.checks import recorded_markdown
+    from prefdyn.book.verify import recorded_markdown
 
     monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
     assert "No run at `scale=full`" in recorded_markdown("chx")
@@ -73,20 +74,20 @@ def test_record_keeps_checks_with_hardware_and_is_rendered(tmp_path, monkeypatch
         {"claim": "b", "predicted": "> 0", "observed": -1.0, "tolerance": "observed > 0", "passed": False}]))
     (src / "chx.run.json").write_text(json.dumps({"parameters": {"scale": "full"}, "seconds": 12.0,
                                                   "finished": "2026-01-01T00:00:00", "packages": {"torch": "9"}}))
-    path = pipeline.record("chx", src, "Some GPU")
+    path = runs.record("chx", src, "Some GPU")
     assert path == tmp_path / "book" / "recorded" / "chx.full.json"
     text = recorded_markdown("chx")
     assert "Some GPU" in text and "1/2 checks passed" in text and "FAIL" in text
 
 
 def test_mathjax_is_staged_from_its_package(tmp_path):
-    target = pipeline.stage_mathjax(tmp_path)
+    target = build.stage_mathjax(tmp_path)
     assert (target / "tex-mml-chtml.js").stat().st_size > 100_000
     assert any((target / "output" / "chtml" / "fonts").rglob("*.woff"))
 
 
 def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypatch):
-    from prefdyn import report
+    from prefdyn.book import report
 
     monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
     (tmp_path / "chapters").mkdir()
@@ -119,3 +120,18 @@ def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypat
     assert "*Not executed in this build.*" in text.split("## Title of chb")[1]
     path = report.write_reproducibility_page()
     assert path == out / "reproducibility.md" and path.read_text() == text
+
+
+def code_cells(chapter):
+    return [c.source for c in execute.read_notebook(chapter).cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("chapter", runs.chapter_ids())
+def test_chapter_cells_show_the_mathematics_and_call_the_library(chapter):
+    """No code cell over 30 non-blank lines, no thread toggling, and no chapter typing its own id or
+    where its checks go (the executor hands both to the kernel)."""
+    for source in code_cells(chapter):
+        lines = [line for line in source.splitlines() if line.strip()]
+        assert len(lines) <= 30, f"a cell of {len(lines)} lines starts with {lines[0]!r}"
+        assert "set_num_threads" not in source and "checks_path" not in source
+        assert chapter not in source

@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import CHAPTERS
 
-from prefdyn import models, pipeline
+from prefdyn.llm import models
+from prefdyn.book import execute
 
 pytestmark = pytest.mark.slow
 CHAPTER = "ch01-rlhf-dpo-ipo"
@@ -40,9 +41,9 @@ def run_bad(top, chapter, parameters, device="cpu"):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
         parameters = dict(parameters)
-        result = pipeline.run_chapter(chapter, parameters.pop("scale", "smoke"), device, parameters, force=True)
+        result = execute.run_chapter(chapter, parameters.pop("scale", "smoke"), device, parameters, force=True)
     assert result.status == "failed"
-    assert "setup(" in failing_cell(top, chapter), "the error came after the first cell's validation"
+    assert "start(" in failing_cell(top, chapter), "the error came after the first cell's validation"
     assert good_state(top, chapter) == before, "a failed run changed the previous good results"
     return result.error
 
@@ -132,5 +133,5 @@ def test_a_killed_run_leaves_the_previous_results(book):
     assert good_state(top, CHAPTER) == before
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
-        again = pipeline.run_chapter(CHAPTER, "smoke", "cpu")
+        again = execute.run_chapter(CHAPTER, "smoke", "cpu")
     assert again.status == "cached" and again.checks == results[CHAPTER].checks

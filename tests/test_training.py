@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 
-from prefdyn import models, training
+from prefdyn.datasets.demonstrations import load_demonstrations
+from prefdyn.llm import logps, models, train
 
 
 def test_batches_are_seeded_permutations_epoch_after_epoch():
     lengths = torch.arange(10)
-    batches = training.batch_indices(lengths, 4, seed=3)
+    batches = train.batch_indices(lengths, 4, seed=3)
     first = torch.cat([next(batches) for _ in range(5)])  # 20 indices: two whole epochs
     generator = torch.Generator().manual_seed(3)
     expected = torch.cat([torch.randperm(10, generator=generator) for _ in range(2)])
@@ -22,17 +23,17 @@ def test_batches_are_seeded_permutations_epoch_after_epoch():
 
 def test_length_buckets_cover_each_epoch_and_group_similar_lengths():
     lengths = torch.randint(1, 200, (96,), generator=torch.Generator().manual_seed(0))
-    batches = training.batch_indices(lengths, 8, seed=1, bucket=4)
+    batches = train.batch_indices(lengths, 8, seed=1, bucket=4)
     epoch = [next(batches) for _ in range(12)]  # 96 pairs = 3 runs of 4 batches of 8, nothing dropped
     assert sorted(torch.cat(epoch).tolist()) == list(range(96))
     spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in epoch]).mean()
-    plain = training.batch_indices(lengths, 8, seed=1)
+    plain = train.batch_indices(lengths, 8, seed=1)
     plain_spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in
                                  (next(plain) for _ in range(12))]).mean()
     assert spread < 0.6 * plain_spread  # sorting within runs of 32 leaves far less padding
     assert not torch.equal(torch.cat(epoch), torch.cat([next(batches) for _ in range(12)]))  # a new order
     with pytest.raises(ValueError, match="cannot fill a batch"):
-        next(training.batch_indices(torch.arange(3), 4, seed=0, bucket=2))
+        next(train.batch_indices(torch.arange(3), 4, seed=0, bucket=2))
 
 
 @pytest.mark.slow
@@ -40,21 +41,21 @@ def test_encoded_pairs_slice_to_the_same_log_probs(smol):
     tok = smol.tokenizer
     prompts = [models.chat_prompt(tok, q) for q in ("Do you like music?", "Is fire cold, or is it hot?", "Why?")]
     chosen, rejected = ["Yes, a lot.", "Hot.", "Because it is so."], ["No", "Cold, very cold indeed.", "No idea"]
-    encoded = models.EncodedPairs.of(tok, prompts, chosen, rejected)
+    encoded = logps.EncodedPairs.of(tok, prompts, chosen, rejected)
     n = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
     assert encoded.sequences is not None and encoded.lengths.tolist() == [
         n(p) + max(n(c), n(r)) for p, c, r in zip(prompts, chosen, rejected)]
     with torch.no_grad():
         w, l = encoded.logps(smol.model, torch.tensor([2, 0]), "cpu")
-        assert torch.allclose(w, models.response_logps(smol, [prompts[2], prompts[0]], [chosen[2], chosen[0]]),
+        assert torch.allclose(w, logps.response_logps(smol, [prompts[2], prompts[0]], [chosen[2], chosen[0]]),
                               atol=1e-4)
-        assert torch.allclose(l, models.response_logps(smol, [prompts[2], prompts[0]], [rejected[2], rejected[0]]),
+        assert torch.allclose(l, logps.response_logps(smol, [prompts[2], prompts[0]], [rejected[2], rejected[0]]),
                               atol=1e-4)
-    yes_no = models.EncodedPairs.of(tok, prompts, ["Yes"] * 3, ["No"] * 3)
+    yes_no = logps.EncodedPairs.of(tok, prompts, ["Yes"] * 3, ["No"] * 3)
     assert yes_no.sequences is None and yes_no.answers.shape == (3, 2)
     with torch.no_grad():
         w, _ = yes_no.logps(smol.model, torch.tensor([1]), "cpu")
-    assert torch.allclose(w, models.response_logps(smol, prompts[1:2], ["Yes"]), atol=1e-4)
+    assert torch.allclose(w, logps.response_logps(smol, prompts[1:2], ["Yes"]), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -88,9 +89,46 @@ def test_forward_precision_is_bf16_autocast_on_a_gpu_and_fp32_elsewhere():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")             # on a machine without CUDA, torch warns it will disable it
-        gpu = training.forward_precision(torch.device("cuda"))
+        gpu = train.forward_precision(torch.device("cuda"))
     assert isinstance(gpu, torch.autocast) and gpu.device == "cuda" and gpu.fast_dtype == torch.bfloat16
-    cpu = training.forward_precision(torch.device("cpu"))
+    cpu = train.forward_precision(torch.device("cpu"))
     assert isinstance(cpu, contextlib.nullcontext)
     with cpu:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_length_normalised_logps_and_a_short_sft_run_on_the_real_model(smol, monkeypatch):
+    entered = []
+
+    class Recording:                                # stands in for the autocast context of a GPU
+        def __enter__(self):
+            entered.append(torch.is_grad_enabled())
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(train, "forward_precision", lambda device: Recording())
+
+    tok = smol.tokenizer
+    demos = load_demonstrations()[:4]
+    prompts = [models.chat_prompt(tok, d.prompt) for d in demos]
+    completions = [d.completion + tok.eos_token for d in demos]
+    mean = logps.response_logps(smol, prompts, completions, length_normalised=True)
+    total = logps.response_logps(smol, prompts, completions)
+    n_tokens = torch.tensor([len(tok.encode(c, add_special_tokens=False)) for c in completions])
+    assert torch.allclose(mean, total / n_tokens, atol=1e-5) and not torch.allclose(mean, total)
+    saved = {k: v.detach().clone() for k, v in smol.model.named_parameters()}
+    try:
+        train.train_only_top_blocks(smol.model, 1)
+        losses = train.train_sft(smol, prompts, completions, steps=4, batch_size=4, lr=3e-4, seed=0)
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        assert losses[0] == pytest.approx(-mean.mean().item(), abs=1e-5)   # the first batch is the whole set
+        assert entered == [True] * 4                # every training forward runs in the training precision
+        assert -logps.response_logps(smol, prompts, completions, length_normalised=True).mean() < -mean.mean()
+    finally:
+        with torch.no_grad():
+            for k, p in smol.model.named_parameters():
+                p.copy_(saved[k])
+        smol.model.requires_grad_(True)
+        smol.model.eval()

@@ -16,19 +16,19 @@ import logging
 import sys
 from pathlib import Path
 
-from . import pipeline
+from .book import build, execute, runs
 from .params import SCALES
 
 
 def _run(chapters: list[str], args) -> int:
-    parameters = {name: pipeline.parse_value(value) for name, value in (args.param or [])}
+    parameters = {name: execute.parse_value(value) for name, value in (args.param or [])}
     ok = True
     for chapter in chapters:
         print(f"[prefdyn] {chapter}: running at scale={args.scale} ...", flush=True)
         try:
-            result = pipeline.run_chapter(chapter, args.scale, args.device, parameters, force=args.force,
+            result = execute.run_chapter(chapter, args.scale, args.device, parameters, force=args.force,
                                           show_output=sys.stderr.isatty())
-        except pipeline.ChapterError as exc:
+        except runs.ChapterError as exc:
             print(f"[prefdyn] error: {exc}", file=sys.stderr)
             return 2
         passed = sum(c["passed"] for c in result.checks)
@@ -36,7 +36,7 @@ def _run(chapters: list[str], args) -> int:
               f"{passed}/{len(result.checks)} checks passed", flush=True)
         if result.error:
             print(f"[prefdyn] {chapter} failed: {result.error}\n"
-                  f"          the failed notebook is {pipeline.paths(chapter)['failed']}", file=sys.stderr)
+                  f"          the failed notebook is {runs.paths(chapter)['failed']}", file=sys.stderr)
         ok &= result.ok
     return 0 if ok else 1
 
@@ -46,17 +46,17 @@ def _train(args) -> int:
 
     from accelerate import PartialState
 
-    from .models import ModelSpecError
+    from .experiments.persona import train_on_persona
+    from .llm.models import ModelSpecError
     from .params import ParameterError
     from .store import atomic_write_json
-    from .training import train_on_persona
 
     try:
         result = train_on_persona(args.model, args.device, loss=args.loss, beta=args.beta, steps=args.steps,
                                   batch_size=args.batch, lr=args.lr, seed=args.seed, data_dir=args.data_dir,
                                   behaviours=args.behaviours, per_behaviour=args.per_behaviour,
                                   held_out=args.held_out, top_blocks=args.top_blocks, bucket=args.bucket,
-                                  progress=sys.stderr.isatty())
+                                  length_normalised=args.length_normalised, progress=sys.stderr.isatty())
     except (ModelSpecError, ParameterError, FileNotFoundError, ValueError) as exc:
         print(f"[prefdyn] error: {exc}", file=sys.stderr)
         return 2
@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="packaged name, .gguf path, HF folder or hub id")
     p.add_argument("--device", default="auto")
     p.add_argument("--loss", choices=("dpo", "ipo"), default="dpo")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta or IPO's tau")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="DPO's beta; for IPO the inverse of Azar et al.'s tau (target margin beta/2), as in "
+                        "chapter 4. TRL's DPOTrainer calls tau 'beta' for loss_type='ipo': pass --beta 1/tau")
+    p.add_argument("--length-normalised", action="store_true",
+                   help="score responses by their mean token log-probability instead of the sum; with --loss ipo "
+                        "this is TRL's length-normalised 'ipo' loss")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=8, help="global batch size (split among processes)")
     p.add_argument("--lr", type=float, default=5e-6)
@@ -111,30 +116,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
-        print("\n".join(pipeline.chapter_ids()))
+        print("\n".join(runs.chapter_ids()))
         return 0
     if args.command == "run":
         return _run([args.chapter], args)
     if args.command == "all":
-        status = _run(pipeline.chapter_ids(), args)
-        print(pipeline.summary())
+        status = _run(runs.chapter_ids(), args)
+        print(runs.summary())
         return status
     if args.command == "book":
         try:
-            index = pipeline.build_book()
-        except pipeline.ChapterError as exc:
+            index = build.build_book()
+        except runs.ChapterError as exc:
             print(f"[prefdyn] error: {exc}", file=sys.stderr)
             return 2
         print(f"[prefdyn] the book is at {index}")
-        print(pipeline.summary())
+        print(runs.summary())
         return 0
     if args.command == "record":
-        print(f"[prefdyn] recorded {pipeline.record(args.chapter, Path(args.folder), args.hardware)}")
+        print(f"[prefdyn] recorded {runs.record(args.chapter, Path(args.folder), args.hardware)}")
         return 0
     if args.command == "train":
         return _train(args)
     if args.command == "checks":
-        print(pipeline.summary())
-        return 0 if all(pipeline.load_checks(c) and all(x["passed"] for x in pipeline.load_checks(c))
-                        for c in pipeline.chapter_ids()) else 1
+        print(runs.summary())
+        return 0 if all(runs.load_checks(c) and all(x["passed"] for x in runs.load_checks(c))
+                        for c in runs.chapter_ids()) else 1
     return 2

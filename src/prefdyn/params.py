@@ -1,20 +1,22 @@
 """Chapter parameters: validation of ``scale``, ``device`` and ``seed``, and seeding.
 
 Every chapter's ``parameters`` cell has at least ``scale``, ``device``, ``seed`` and ``model``; the
-first code cell after it calls :func:`setup`, which fails fast, before any expensive work, with a
-message naming the bad value and the fix.
+first code cell after it calls :func:`prefdyn.experiments.start`, which runs :func:`setup`: it fails
+fast, before any expensive work, with a message naming the bad value and the fix.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 SCALES = ("smoke", "ci", "full")
+ALL_THREADS = torch.get_num_threads()   # the machine's intra-op threads, read before any chapter narrows them
 
 
 class ParameterError(ValueError):
@@ -56,15 +58,14 @@ def seed_everything(seed: int) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], *, model: str | None = None,
-          persona: tuple[Any, Any] | None = None) -> Run:
+def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]],
+          validate: tuple[Callable[[], Any], ...] = ()) -> Run:
     """Validate the common parameters, seed everything and return the sizes for ``scale``.
 
     ``sizes`` maps each of ``smoke``, ``ci`` and ``full`` to that scale's settings: the same code
-    runs at every scale, only these numbers change. ``model`` (a model spec) is resolved without
-    loading it (unknown names, missing files or packages, files that are not GGUF, a packaged file
-    whose checksum is wrong); ``persona=(data_dir, behaviours)`` loads and parses the chapter's data.
-    Both raise here, in the chapter's first cell, rather than after minutes of work.
+    runs at every scale, only these numbers change. Each of ``validate`` is called after the common
+    parameters have been checked and before seeding (:func:`prefdyn.experiments.start` passes the
+    model spec and data checks), so bad input raises here, in the chapter's first cell.
     """
     if scale not in SCALES:
         raise ParameterError(f"scale={scale!r} is not one of {', '.join(SCALES)}; "
@@ -78,14 +79,8 @@ def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], 
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ParameterError(f"{name}={value!r} must not be negative")
     dev = resolve_device(device)
-    if model is not None:
-        from .models import resolve_spec
-
-        resolve_spec(model)
-    if persona is not None:
-        from .data import load_persona
-
-        load_persona(*persona)
+    for check in validate:
+        check()
     seed_everything(seed)
     return Run(scale=scale, device=dev, seed=seed, sizes=dict(sizes[scale]))
 
@@ -96,3 +91,19 @@ def positive(name: str, value: Any, kind: type = int) -> Any:
             or value <= 0:
         raise ParameterError(f"{name}={value!r} must be a positive {kind.__name__}")
     return value
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block on ``n`` torch threads (``None``: :data:`ALL_THREADS`), then restore the count.
+
+    The book's model-free mathematics is many small operations, fastest on one thread (chapters
+    ask for it in :func:`prefdyn.experiments.start`); the drivers that run a transformer or large
+    batched matrix products take every thread with ``torch_threads(None)``.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n or ALL_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -2,7 +2,7 @@
 
 Chapters that sample candidates from the current policy (on-policy IPO/DPO, Best-of-N) call
 :func:`sample_responses`. The cache key covers everything the samples depend on: the model's
-identity *and its current weights* (:func:`prefdyn.models.weights_digest`, so a policy trained
+identity *and its current weights* (:func:`prefdyn.llm.models.weights_digest`, so a policy trained
 in the notebook gets new samples), the prompts, the number of samples, the decoding settings and the seed.
 Samples are stored as JSON (never pickle) and written atomically.
 """
@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..store import atomic_write_json, cache_dir
 from .models import Policy, weights_digest
-from .store import atomic_write_json, cache_dir
 
 
 @torch.no_grad()

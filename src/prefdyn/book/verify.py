@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .store import atomic_write_json
+from ..store import atomic_write_json
+from .glue import glue_markdown, glue_value
+from .runs import current_chapter, current_checks_path, load_recorded
 
 BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
 
@@ -63,8 +64,6 @@ def render_table(checks: list[dict]) -> str:
 def recorded_markdown(chapter: str, scale: str = "full") -> str:
     """The chapter's recorded run at ``scale`` (made on another machine, committed with the book),
     with its hardware, date and time, for display beside the live run."""
-    from .pipeline import load_recorded
-
     rec = load_recorded(chapter, scale)
     if rec is None:
         return f"*No run at `scale={scale}` has been recorded for this chapter yet.*"
@@ -76,12 +75,14 @@ def recorded_markdown(chapter: str, scale: str = "full") -> str:
 
 
 class Verification:
-    """The checks of one chapter, in the order they were made."""
+    """The checks of one chapter, in the order they were made.
 
-    def __init__(self, chapter: str):
-        self.chapter = chapter
+    ``chapter`` defaults to the id the executor hands the kernel (:func:`prefdyn.book.runs.current_chapter`).
+    """
+
+    def __init__(self, chapter: str | None = None):
+        self.chapter = chapter or current_chapter() or "this chapter"
         self.checks: list[Check] = []
-
     def _add(self, claim: str, predicted: Any, observed: Any, tolerance: str, passed: bool) -> Check:
         check = Check(claim, predicted, observed, tolerance, bool(passed))
         self.checks.append(check)
@@ -122,37 +123,20 @@ class Verification:
     def to_json(self) -> list[dict]:
         return [asdict(c) for c in self.checks]
 
-    def finish(self, checks_path: str | os.PathLike | None, glue_name: str = "verification") -> None:
-        """Glue the table, save the checks JSON atomically, then fail if any check failed."""
+    def finish(self, run=None, glue_name: str = "verification") -> None:
+        """Close the chapter: glue the table (and, given the chapter's ``run``, its scale, device and
+        recorded full-scale run), save the checks JSON atomically where the executor asked for it,
+        then fail if any check failed."""
         if not self.checks:
             raise VerificationFailed(f"{self.chapter}: no checks were made")
+        if run is not None:
+            glue_value("run_scale", run.scale)
+            glue_value("run_device", str(run.device))
+            glue_markdown("recorded", recorded_markdown(self.chapter))
         glue_markdown(glue_name, self.table())
-        if checks_path:
+        checks_path = current_checks_path()
+        if checks_path is not None:
             atomic_write_json(checks_path, self.to_json())
         failed = [c.claim for c in self.checks if not c.passed]
         if failed:
             raise VerificationFailed(f"{self.chapter}: {len(failed)} check(s) failed: " + "; ".join(failed))
-
-
-def glue_markdown(name: str, text: str) -> None:
-    """Make Markdown text available to the book as ``{glue:md}`name```."""
-    from IPython.display import Markdown
-    from myst_nb import glue
-
-    glue(name, Markdown(text), display=False)
-
-
-def glue_figure(name: str, fig) -> None:
-    """Make a matplotlib figure available to the book as ``{glue:figure} name``."""
-    import matplotlib.pyplot as plt
-    from myst_nb import glue
-
-    glue(name, fig, display=False)
-    plt.close(fig)
-
-
-def glue_value(name: str, value: Any) -> None:
-    """Make a number or short text available as ``{glue:text}`name```."""
-    from myst_nb import glue
-
-    glue(name, value, display=False)

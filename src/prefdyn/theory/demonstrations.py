@@ -28,11 +28,8 @@ The chapter ``ch05-alignment-from-demonstrations`` derives, and this module comp
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 from dataclasses import dataclass
-from importlib import resources
 from typing import Sequence
 
 import numpy as np
@@ -40,9 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import objectives
-from .models import Policy, encode, sequence_logps
-from .training import forward_precision
+from .. import objectives
 
 # --------------------------------------------------------------------------------------------
 # 1. The enumerable autoregressive toy
@@ -318,133 +313,3 @@ def expected_best_of_n(reward: np.ndarray, score: np.ndarray, N: int) -> np.ndar
             s[tied] = s[tied].mean()
         out[k] = weights @ s
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# 5. The real-model experiment: demonstrations, golden criterion, SFT
-# --------------------------------------------------------------------------------------------
-
-TERMINAL = (".", "!", "?")
-MAX_WORDS = 12
-
-
-@dataclass(frozen=True)
-class Demonstration:
-    """One prompt with the project's demonstration (``completion``) and its accepted answers."""
-
-    id: str
-    category: str
-    prompt: str
-    completion: str
-    answers: tuple[str, ...]
-
-
-DEMONSTRATION_KEYS = ("id", "category", "prompt", "completion", "answers")
-
-
-def load_demonstrations(path=None) -> list[Demonstration]:
-    """The shipped demonstration set (``prefdyn/demonstration_data/demonstrations.jsonl``; TRL's
-    prompt-completion format plus ``id``, ``category`` and ``answers``), or a JSONL file at ``path``.
-
-    A missing or empty file, a line that is not a JSON object, or one that lacks a field raises a
-    :class:`ValueError` naming the file, the line and what a line must hold.
-    """
-    if path is None:
-        source = "the shipped demonstrations.jsonl"
-        text = (resources.files("prefdyn") / "demonstration_data" / "demonstrations.jsonl").read_text("utf-8")
-    else:
-        source = str(path)
-        try:
-            text = open(path, encoding="utf-8").read()
-        except OSError as exc:
-            raise ValueError(f"demonstrations_path={source!r} cannot be read ({exc.strerror}); give a JSONL file "
-                             "with one demonstration per line, or None for the shipped set") from exc
-    expected = f"one JSON object per line with keys {', '.join(DEMONSTRATION_KEYS)} (answers: a list of strings)"
-    demos = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}, line {lineno}: not valid JSON ({exc.msg}); expected {expected}") from exc
-        missing = [k for k in DEMONSTRATION_KEYS if not isinstance(row, dict) or k not in row]
-        if missing or isinstance(row["answers"], str):
-            raise ValueError(f"{source}, line {lineno}: missing or malformed {missing or ['answers']}; "
-                             f"expected {expected}")
-        demos.append(Demonstration(row["id"], row["category"], row["prompt"], row["completion"], tuple(row["answers"])))
-    if not demos:
-        raise ValueError(f"{source} holds no demonstrations; expected {expected}")
-    return demos
-
-
-def golden_components(response: str, answers: Sequence[str], max_words: int = MAX_WORDS) -> dict[str, bool]:
-    """The three checks of the golden criterion (see :func:`golden_score`)."""
-    text = response.strip()
-    lower = text.lower()
-    return {
-        "correct": any(re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", lower) for a in answers),
-        "complete": text.endswith(TERMINAL),
-        "concise": 0 < len(text.split()) <= max_words,
-    }
-
-
-def golden_score(response: str, answers: Sequence[str], max_words: int = MAX_WORDS) -> float:
-    """The project's golden criterion, in ``{0, 1/3, 2/3, 1}``: the mean of three checks.
-
-    * ``correct``: an accepted answer occurs as a whole word (case-insensitive);
-    * ``complete``: the response ends with ``.``, ``!`` or ``?`` (it stopped by itself at the end of
-      a sentence, not at the token budget);
-    * ``concise``: it has between 1 and ``max_words`` words.
-
-    Every shipped demonstration scores 1. It stands in for the paper's golden reward model.
-    """
-    c = golden_components(response, answers, max_words)
-    return (c["correct"] + c["complete"] + c["concise"]) / 3
-
-
-def sft_train(policy: Policy, prompts: Sequence[str], completions: Sequence[str], *, steps: int, batch_size: int,
-              lr: float, seed: int) -> list[float]:
-    """Supervised fine-tuning: AdamW on the mean per-token NLL (:func:`objectives.sft_nll`) of the
-    completions, in place, over the trainable weights (see :func:`prefdyn.training.train_only_top_blocks`),
-    forward passes in :func:`prefdyn.training.forward_precision` (bf16 autocast on a GPU).
-
-    ``prompts`` are chat-templated; ``completions`` should end with the end-of-turn token so the
-    policy learns to stop. Batches follow a seeded permutation, epoch after epoch. Returns the
-    batch loss of every step.
-    """
-    if steps < 0 or batch_size <= 0 or lr <= 0:
-        raise ValueError(f"need steps >= 0, batch_size > 0, lr > 0 (got {steps}, {batch_size}, {lr})")
-    model, device = policy.model, policy.device
-    precision = forward_precision(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses = []
-    model.train()
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(prompts), generator=generator).tolist()
-        index, order = order[:batch_size], order[batch_size:]
-        batch = encode(policy.tokenizer, [prompts[i] for i in index], [completions[i] for i in index]).to(device)
-        n_tokens = (batch.labels != -100).sum(-1)
-        with precision:
-            logps = sequence_logps(model, batch)
-        loss = objectives.sft_nll(logps, n_tokens).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-@torch.no_grad()
-def per_token_nll(policy: Policy, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> Tensor:
-    """Mean per-token ``-log pi`` of each completion (the SFT loss per example), on CPU."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = encode(policy.tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size]).to(policy.device)
-        n_tokens = (batch.labels != -100).sum(-1)
-        out.append(objectives.sft_nll(sequence_logps(policy.model, batch), n_tokens).cpu())
-    return torch.cat(out)

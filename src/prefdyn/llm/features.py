@@ -1,0 +1,107 @@
+"""Hidden states of a policy: last-token features, their on-disk cache, and a frozen-prefix cache.
+
+The last-layer analyses of chapters 2, 3 and 5 work on the final hidden state of a prompt's last
+token after the final norm, the input of the LM head (:func:`last_token_states`, cached on disk by
+:func:`embeddings`). When only the top blocks are trained, :class:`FrozenPrefix` keeps the states
+entering them, so a step runs only those blocks.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..store import atomic_write, cache_dir
+from .models import Policy, transformer_blocks, weights_digest
+from .tokens import pad_batch
+
+
+def last_states(model, ids: torch.Tensor, mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """Hidden state at ``layer`` of each right-padded row's last real token."""
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[layer][torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
+
+
+def last_token_states(model, tokenizer, texts: Sequence[str], device, layer: int = -1) -> torch.Tensor:
+    """Hidden state at ``layer`` of the last token of each text (``-1``: after the final norm, the
+    input of the LM head), from one right-padded batch; differentiable."""
+    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
+    return last_states(model, ids, mask, layer)
+
+
+def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size: int = 32,
+               cache: Path | None = None, progress: bool = False) -> torch.Tensor:
+    """Last-token hidden states of ``texts`` at ``layer``, shape ``(len(texts), hidden)``.
+
+    Results are cached on disk per (model fingerprint, current weights, layer), keyed by the
+    SHA-256 of each text, in a safetensors file (never pickle) replaced atomically; a policy
+    trained in the notebook therefore never reads the features of its initial weights. ``layer=-1`` is the final hidden
+    state after the model's last norm, so ``lm_head(embeddings)`` gives the next-token logits.
+    """
+    from safetensors.torch import load_file, save
+
+    path = (cache or cache_dir() / "embeddings") / \
+        f"{policy.fingerprint}-{weights_digest(policy.model)}-layer{layer}.safetensors"
+    keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
+    stored: dict[bytes, torch.Tensor] = {}
+    if path.is_file():
+        try:
+            data = load_file(str(path))
+            stored = {bytes(k.tolist()): v for k, v in zip(data["keys"], data["values"])}
+        except Exception:  # an unreadable cache is rebuilt, never trusted
+            stored = {}
+    first_missing: dict[bytes, int] = {}
+    for i, k in enumerate(keys):
+        if k not in stored:
+            first_missing.setdefault(k, i)
+    order = list(first_missing.values())
+    for i in tqdm(range(0, len(order), batch_size), disable=not progress or not order, desc="embeddings"):
+        chunk = order[i:i + batch_size]
+        with torch.no_grad():
+            states = last_token_states(policy.model, policy.tokenizer, [texts[j] for j in chunk], policy.device, layer)
+        for j, h in zip(chunk, states.float().cpu()):
+            stored[keys[j]] = h
+    if order:
+        all_keys = list(stored)
+        atomic_write(path, save({
+            "keys": torch.tensor([list(k) for k in all_keys], dtype=torch.uint8),
+            "values": torch.stack([stored[k] for k in all_keys]).contiguous()}))
+    return torch.stack([stored[k] for k in keys])
+
+
+class FrozenPrefix:
+    """Hidden states entering the top ``n_blocks`` blocks for fixed prompts, computed once.
+
+    When only the top blocks are trained (:func:`prefdyn.llm.train.train_only_top_blocks`), everything
+    below them is a fixed function of the prompt, so each training step need only run the top
+    blocks on these cached states: the same numbers (up to float round-off) at a fraction of the
+    cost. :meth:`last_states` is the final-norm hidden state of each prompt's last token, as
+    :func:`last_token_states` returns it.
+    """
+
+    def __init__(self, model, tokenizer, prompts: Sequence[str], n_blocks: int, device):
+        rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
+        n_layers = len(transformer_blocks(model))
+        if not 0 < n_blocks < n_layers:
+            raise ValueError(f"n_blocks={n_blocks} must be between 1 and {n_layers - 1}")
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        self.states = out.hidden_states[n_layers - n_blocks].detach()   # input of block n_layers - n_blocks
+        self.mask, self.n_blocks = mask, n_blocks
+        self.last = mask.sum(1) - 1
+
+    def last_states(self, model) -> Tensor:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        saved = base.layers
+        base.layers = torch.nn.ModuleList(list(saved)[-self.n_blocks:])
+        try:
+            hidden = base(inputs_embeds=self.states, attention_mask=self.mask, use_cache=False).last_hidden_state
+        finally:
+            base.layers = saved
+        return hidden[torch.arange(len(self.last), device=hidden.device), self.last]

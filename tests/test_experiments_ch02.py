@@ -1,0 +1,106 @@
+"""The drivers of chapter 2 (:mod:`prefdyn.experiments.ch02`) against independent computations."""
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from prefdyn.datasets.persona import load_persona
+from prefdyn.experiments import ch02, persona
+from prefdyn.llm.logps import preference_logps
+from prefdyn.llm.models import single_token_id
+from prefdyn.params import ALL_THREADS, torch_threads
+from prefdyn.theory import dynamics as dyn
+
+
+def tiny_behaviours():
+    """Six behaviours in 8 dimensions, three of 2 x 4 prompts and three of 2 x 7, with a shared mean
+    as on real features; their distinguishabilities are close, so every resample ranks them differently."""
+    small = dyn.synthetic_behaviours([1.0, 1.4, 1.8], n_per_class=4, d=8, common=2.0, seed=4)
+    large = dyn.synthetic_behaviours([1.2, 1.6, 2.0], n_per_class=7, d=8, common=2.0, seed=5,
+                                     directions=torch.eye(8, dtype=torch.float64)[3:6])
+    return (torch.cat([small[0], large[0]]), torch.cat([small[1], large[1]]),
+            np.array([f"b{i}" for i in small[2]] + [f"b{i + 3}" for i in large[2]]))
+
+
+def gd_losses(g, s, beta, lr, steps):
+    """Mean DPO loss after plain full-batch gradient descent on ``v`` (NumPy, the chapter's rank-one recursion)."""
+    v = np.zeros(g.shape[1])
+    for _ in range(steps):
+        h = 2 * beta * s * (g @ v)
+        v = v + lr * beta * ((s / (1 + np.exp(h)))[:, None] * g).mean(0)
+    return np.mean(np.log1p(np.exp(-2 * beta * s * (g @ v))))
+
+
+@pytest.mark.parametrize("steps", [3, 15])   # ranks of early loss drops barely depend on lr; later ones do
+def test_bootstrap_rank_correlations_equals_retraining_every_resample(steps):
+    g, s, behaviour = tiny_behaviours()
+    beta, lr, n_boot = 0.5, 0.05, 10
+    rng = np.random.default_rng(3)
+    ci = ch02.bootstrap_rank_correlations(g, s, behaviour, rng, beta=beta, lr=lr, steps=steps, n_boot=n_boot)
+    # by hand: draw the same stratified resamples, train each resample (its rows repeated) from scratch
+    check_rng, names = np.random.default_rng(3), [f"b{i}" for i in range(6)]
+    boot = {"alone": [], "joint": [], "joint_D": []}
+    for _ in range(n_boot):
+        idx = dyn.stratified_resample(s, behaviour, check_rng)
+        gr, sr, br = g[idx].numpy(), s[idx].numpy().astype(float), behaviour[idx]
+        gaps = [gr[(br == b) & (sr == 1)].mean(0) - gr[(br == b) & (sr == -1)].mean(0) for b in names]
+        gap_bar = sum(np.mean(br == b) * d for b, d in zip(names, gaps))
+        alone = [math.log(2) - gd_losses(gr[br == b], sr[br == b], beta, lr, steps) for b in names]
+        joint_v = np.zeros(g.shape[1])
+        for _ in range(steps):
+            joint_v = joint_v + lr * beta * ((sr / (1 + np.exp(2 * beta * sr * (gr @ joint_v))))[:, None] * gr).mean(0)
+        joint = [math.log(2) - np.mean(np.log1p(np.exp(-2 * beta * sr[br == b] * (gr[br == b] @ joint_v))))
+                 for b in names]
+        boot["alone"].append(spearmanr([np.linalg.norm(d) for d in gaps], alone).statistic)
+        boot["joint"].append(spearmanr([gap_bar @ d for d in gaps], joint).statistic)
+        boot["joint_D"].append(spearmanr([np.linalg.norm(d) for d in gaps], joint).statistic)
+    assert set(ci) == set(boot)
+    for key, values in boot.items():
+        np.testing.assert_allclose(ci[key], np.quantile(values, [0.025, 0.975]), atol=1e-9, err_msg=key)
+    assert rng.random() == check_rng.random()   # the caller's generator advanced by exactly the resamples drawn
+
+
+def test_bootstrap_rank_correlations_trains_on_every_thread(monkeypatch):
+    seen = []
+    real = dyn.resampled_losses_after
+    monkeypatch.setattr(dyn, "resampled_losses_after",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    g, s, behaviour = tiny_behaviours()
+    with torch_threads(1):
+        ch02.bootstrap_rank_correlations(g, s, behaviour, np.random.default_rng(0), beta=0.5, lr=0.05, steps=2,
+                                         n_boot=3)
+        assert torch.get_num_threads() == 1
+    assert seen == [ALL_THREADS, ALL_THREADS]
+
+
+@pytest.mark.slow
+def test_full_model_dpo_trains_the_top_block_and_reads_its_features(smol, monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    policy = dataclasses.replace(smol, model=copy.deepcopy(smol.model))   # the session's model stays untouched
+    statements = load_persona(None, None, max_per_behaviour=2, seed=0)
+    examples = [ex for b in list(statements)[:3] for ex in statements[b]]
+    threads = {}
+    for module, name in ((persona, "embeddings"), (ch02, "embeddings"), (ch02, "train_preferences")):
+        real = getattr(module, name)     # persona_features reads the features before training
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k:
+                            threads.setdefault(_name, []).append(torch.get_num_threads()) or _real(*a, **k))
+    with torch_threads(1):
+        run = ch02.full_model_dpo(policy, examples, beta=0.1, top_blocks=1, steps=1, batch_size=4, lr=1e-4, seed=0)
+    assert threads == {"embeddings": [1, ALL_THREADS], "train_preferences": [ALL_THREADS]}
+    # the reference from the features is the model's own: the first DPO batch loss is log 2
+    assert run.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert run.n_trained == sum(p.numel() for p in policy.model.parameters() if p.requires_grad) > 0
+    assert torch.equal(run.head_before, run.head_after)        # the (tied) unembedding is not in the top block
+    assert not torch.allclose(run.features_before, run.features_after)
+    # the trained policy's Yes/No log-odds are u^T W g'(x) on the features read after training
+    yes, no = (single_token_id(policy.tokenizer, a) for a in ("Yes", "No"))
+    u = (run.head_after[yes] - run.head_after[no]).double()
+    pairs = ch02.persona_pairs(policy.tokenizer, examples)
+    chosen, rejected = preference_logps(policy, pairs.prompts, pairs.chosen, pairs.rejected)
+    np.testing.assert_allclose((chosen - rejected).double(), run.s * (run.features_after @ u), atol=1e-3)
+    assert run.s.tolist() == [1 if ex.chosen == "Yes" else -1 for ex in examples]
+    assert run.behaviour.tolist() == [ex.behaviour for ex in examples]
