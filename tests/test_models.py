@@ -156,6 +156,7 @@ def test_the_dequantised_cache_equals_the_gguf_and_is_rebuilt_when_corrupt(smol,
     folder = models.dequantised_folder(fingerprint)
     assert folder.parent.parent == tmp_path and models.verify_dequantised(folder)
     assert cached.fingerprint == fingerprint == smol.fingerprint
+    assert all(p.data_ptr() % 64 == 0 for p in cached.model.parameters())   # not where the file's header left them
     assert cached.model.lm_head.weight is cached.model.model.embed_tokens.weight
     assert models.weights_digest(cached.model) == models.weights_digest(direct)
     text = models.chat_prompt(direct_tok, "What is the capital of France?")
