@@ -1,8 +1,10 @@
+import contextlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from prefdyn.book import build, execute
 from prefdyn.llm import models
@@ -22,6 +24,21 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@contextlib.contextmanager
+def restoring(model):
+    """Run the block on the session's shared model, then put back its weights, make every weight
+    trainable again (the state :func:`smol` hands out) and return it to eval mode."""
+    saved = {k: v.detach().clone() for k, v in model.named_parameters()}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(saved[k])
+        model.requires_grad_(True)
+        model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import restoring
 
 from prefdyn import tabular
 from prefdyn.experiments import ch04
@@ -142,8 +143,7 @@ def test_prepare_task_and_run_rounds_start_every_run_at_the_warm_start(smol, tmp
     from prefdyn.llm import logps, train
 
     monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
-    saved = {k: v.detach().clone() for k, v in smol.model.named_parameters()}
-    try:
+    with restoring(smol.model):
         train.train_only_top_blocks(smol.model, 1)
         base = ch04.trainable_state(smol.model)
         P = it.cyclic_preferences(0.4)
@@ -162,9 +162,3 @@ def test_prepare_task_and_run_rounds_start_every_run_at_the_warm_start(smol, tmp
         assert torch.allclose(first["log_pi"][0], F.log_softmax(warm.double(), -1), atol=1e-5)
         assert torch.equal(first["log_pi"][0], second["log_pi"][0])
         assert torch.allclose(first["log_pi"][1], second["log_pi"][1], atol=1e-6)
-    finally:
-        with torch.no_grad():
-            for k, p in smol.model.named_parameters():
-                p.copy_(saved[k])
-        smol.model.requires_grad_(True)
-        smol.model.eval()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import restoring
 
 from prefdyn.datasets.demonstrations import load_demonstrations
 from prefdyn.llm import logps, models, train
@@ -118,17 +119,10 @@ def test_length_normalised_logps_and_a_short_sft_run_on_the_real_model(smol, mon
     total = logps.response_logps(smol, prompts, completions)
     n_tokens = torch.tensor([len(tok.encode(c, add_special_tokens=False)) for c in completions])
     assert torch.allclose(mean, total / n_tokens, atol=1e-5) and not torch.allclose(mean, total)
-    saved = {k: v.detach().clone() for k, v in smol.model.named_parameters()}
-    try:
+    with restoring(smol.model):
         train.train_only_top_blocks(smol.model, 1)
         losses = train.train_sft(smol, prompts, completions, steps=4, batch_size=4, lr=3e-4, seed=0)
         assert len(losses) == 4 and losses[-1] < losses[0]
         assert losses[0] == pytest.approx(-mean.mean().item(), abs=1e-5)   # the first batch is the whole set
         assert entered == [True] * 4                # every training forward runs in the training precision
         assert -logps.response_logps(smol, prompts, completions, length_normalised=True).mean() < -mean.mean()
-    finally:
-        with torch.no_grad():
-            for k, p in smol.model.named_parameters():
-                p.copy_(saved[k])
-        smol.model.requires_grad_(True)
-        smol.model.eval()
