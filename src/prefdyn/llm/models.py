@@ -149,8 +149,14 @@ def _dequantise(source: str, kwargs: dict, fingerprint: str) -> tuple[str, dict]
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / MANIFEST, {name: _file_digest(staging / name, full=True)
                                                for name in sorted(os.listdir(staging))})
-        shutil.rmtree(folder, ignore_errors=True)   # a corrupt earlier copy
-        os.replace(staging, folder)
+        if folder.exists() and not verify_dequantised(folder):
+            shutil.rmtree(folder, ignore_errors=True)   # a corrupt earlier copy
+        try:
+            os.replace(staging, folder)
+        except OSError:                                 # another process finished its copy first
+            if not verify_dequantised(folder):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
