@@ -18,7 +18,7 @@ ALLOWED = {
     "prefdyn.params": (),
     "prefdyn.llm": ("prefdyn.objectives", "prefdyn.store", "prefdyn.llm"),
     "prefdyn.book.runs": ("prefdyn.store",),
-    "prefdyn.book": ("prefdyn.store", "prefdyn.book"),
+    "prefdyn.book": ("prefdyn.store", "prefdyn.stats", "prefdyn.book"),
     "prefdyn.experiments": ("prefdyn.objectives", "prefdyn.tabular", "prefdyn.stats", "prefdyn.store",
                             "prefdyn.theory", "prefdyn.llm", "prefdyn.datasets", "prefdyn.params",
                             "prefdyn.book.verify", "prefdyn.book.glue", "prefdyn.experiments"),

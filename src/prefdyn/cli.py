@@ -5,7 +5,8 @@
     prefdyn all --scale ci [--device cpu] [--force]   every chapter, then a summary
     prefdyn book                                   HTML from the executed notebooks
     prefdyn checks                                 the last checks of every chapter
-    prefdyn record <id> <folder> --hardware "..."  keep a run made elsewhere (e.g. scale=full on a GPU)
+    prefdyn record <id> --label L [--from DIR]     keep a finished run as book/recorded/<id>/<L>.json
+                                                   (this checkout's last run, or one brought from DIR)
     prefdyn train --model <spec> --steps N ...     DPO/IPO on persona data, outside the book; runs
                                                    unchanged under `accelerate launch -m prefdyn train ...`
 """
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .book import build, execute, runs
+from .book import build, execute, runs, verify
 from .params import SCALES
 
 
@@ -31,9 +32,8 @@ def _run(chapters: list[str], args) -> int:
         except runs.ChapterError as exc:
             print(f"[prefdyn] error: {exc}", file=sys.stderr)
             return 2
-        passed = sum(c["passed"] for c in result.checks)
-        print(f"[prefdyn] {chapter}: {result.status} in {result.seconds:.0f} s, "
-              f"{passed}/{len(result.checks)} checks passed", flush=True)
+        print(f"[prefdyn] {chapter}: {result.status} in {result.seconds:.0f} s; "
+              f"{verify.summary_line(result.checks)}", flush=True)
         if result.error:
             print(f"[prefdyn] {chapter} failed: {result.error}\n"
                   f"          the failed notebook is {runs.paths(chapter)['failed']}", file=sys.stderr)
@@ -88,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--force", action="store_true", help="execute even if the cache says nothing changed")
     sub.add_parser("book", help="build the HTML book from the executed chapters")
     sub.add_parser("checks", help="print the last verification results of every chapter")
-    p = sub.add_parser("record", help="keep a run made on another machine (its <id>.checks.json and <id>.run.json)")
+    p = sub.add_parser("record", help="keep a finished run (its <id>.checks.json and <id>.run.json) by label")
     p.add_argument("chapter")
-    p.add_argument("folder", help="the folder holding the two files")
-    p.add_argument("--hardware", required=True, help='e.g. "NVIDIA H100 80GB HBM3"')
+    p.add_argument("--label", required=True, help="e.g. ci-original-data (letters, digits, - _ .)")
+    p.add_argument("--from", dest="folder", type=Path, default=None,
+                   help="the folder holding the two files (default: book/_executed of this checkout)")
+    p.add_argument("--hardware", default=None, help="override the hardware the run recorded")
+    p.add_argument("--data", default=None, help="describe the data set (default: the run's data_dir)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="record a run from uncommitted code, marked as such (otherwise refused)")
     p = sub.add_parser("train", help="DPO or IPO on persona data (works under `accelerate launch`)")
     p.add_argument("--model", default="smollm2-135m", help="packaged name, .gguf path, HF folder or hub id")
     p.add_argument("--device", default="auto")
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run([args.chapter], args)
     if args.command == "all":
         status = _run(runs.chapter_ids(), args)
-        print(runs.summary())
+        print(verify.summary())
         return status
     if args.command == "book":
         try:
@@ -131,15 +136,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[prefdyn] error: {exc}", file=sys.stderr)
             return 2
         print(f"[prefdyn] the book is at {index}")
-        print(runs.summary())
+        print(verify.summary())
         return 0
     if args.command == "record":
-        print(f"[prefdyn] recorded {runs.record(args.chapter, Path(args.folder), args.hardware)}")
+        try:
+            path = runs.record(args.chapter, args.label, args.folder, args.hardware, args.data, args.allow_dirty)
+        except runs.ChapterError as exc:
+            print(f"[prefdyn] error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[prefdyn] recorded {path}")
         return 0
     if args.command == "train":
         return _train(args)
     if args.command == "checks":
-        print(runs.summary())
-        return 0 if all(runs.load_checks(c) and all(x["passed"] for x in runs.load_checks(c))
+        print(verify.summary())
+        return 0 if all(runs.load_checks(c)["checks"] and not any(map(verify.is_failure, runs.load_checks(c)["checks"]))
                         for c in runs.chapter_ids()) else 1
     return 2

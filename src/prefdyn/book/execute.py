@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..store import atomic_write, atomic_write_json
+from .registry import claims_dir, registry_path
 from .runs import (
     CHAPTER_ENV,
     CHECKS_ENV,
@@ -29,8 +30,11 @@ from .runs import (
     ChapterError,
     chapter_source,
     executed_dir,
+    is_failure,
     load_checks,
+    normalise_checks,
     paths,
+    recorded_dir,
     root,
 )
 
@@ -49,7 +53,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.status != "failed" and bool(self.checks) and all(c["passed"] for c in self.checks)
+        return self.status != "failed" and bool(self.checks) and not any(map(is_failure, self.checks))
 
 
 def read_notebook(chapter: str):
@@ -101,9 +105,15 @@ def _library_files() -> list[Path]:
 
 
 def run_key(chapter: str, parameters: dict) -> str:
-    """Hash of the chapter source, the library (code and data), the parameters and package versions."""
+    """Hash of the chapter source, its registry, its recorded runs (the chapter shows them), the
+    library (code and data), the parameters and package versions."""
     h = hashlib.sha256()
     h.update(chapter_source(chapter).read_bytes())
+    declared = [registry_path(chapter), claims_dir() / "papers.yml"]
+    for path in declared + sorted(recorded_dir(chapter).glob("*.json")):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
     for path in _library_files():
         h.update(str(path.relative_to(LIBRARY)).encode())
         h.update(path.read_bytes())
@@ -134,7 +144,7 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     p = paths(chapter)
     key = run_key(chapter, parameters)
     if not force and p["notebook"].is_file() and p["key"].is_file() and p["key"].read_text().strip() == key:
-        return RunResult(chapter, "cached", 0.0, load_checks(chapter))
+        return RunResult(chapter, "cached", 0.0, load_checks(chapter)["checks"])
     out = executed_dir()
     out.mkdir(parents=True, exist_ok=True)
     partial_nb = out / f".{chapter}.partial.ipynb"
@@ -161,7 +171,7 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
             else:
                 os.environ[name] = value
     seconds = time.perf_counter() - start
-    checks = json.loads(partial_checks.read_text()) if partial_checks.is_file() else []
+    checks = normalise_checks(json.loads(partial_checks.read_text()))["checks"] if partial_checks.is_file() else []
     if error:  # the last good results stay as they were; the failed run is kept beside them
         for partial, failed in ((partial_nb, p["failed"]), (partial_checks, p["failed_checks"])):
             if partial.is_file():

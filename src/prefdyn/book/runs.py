@@ -6,8 +6,8 @@ and the reproducibility report (:mod:`~prefdyn.book.report`) all read the same r
 
 * ``book/_executed/<id>.ipynb``, ``<id>.checks.json``, ``<id>.run.json``, ``<id>.key``: the last
   good run of each chapter, written by :func:`prefdyn.book.execute.run_chapter`;
-* ``book/recorded/<id>.<scale>.json``: a run made elsewhere (at ``scale=full`` on a GPU), kept by
-  :func:`record` with the hardware it ran on.
+* ``book/recorded/<id>/<label>.json``: a finished run kept by :func:`record` (``prefdyn record``):
+  any scale, device, model or data set, with its hardware and the git revision that produced it.
 
 The chapter being executed learns its id from the executor through the environment
 (:data:`CHAPTER_ENV`, :data:`CHECKS_ENV`), so no chapter types its own id or where its checks go.
@@ -72,9 +72,25 @@ def paths(chapter: str) -> dict[str, Path]:
             "failed": out / f"{chapter}.failed.ipynb", "failed_checks": out / f"{chapter}.failed.checks.json"}
 
 
-def load_checks(chapter: str) -> list[dict]:
+def normalise_checks(data) -> dict:
+    """A checks JSON as :class:`~prefdyn.book.verify.Verification` writes it (``{"checks", "reported"}``);
+    a record from before checks had kinds (a bare list) reads as ``unclassified`` checks."""
+    if isinstance(data, dict):
+        return data
+    return {"checks": [{**c, "kind": "unclassified", "status": "pass" if c["passed"] else "FAIL",
+                        "prediction": None} for c in data], "reported": [], "legacy": True}
+
+
+def is_failure(check: dict) -> bool:
+    """A check that failed and is not a prediction (an identity, a bound, or a legacy check): a bug,
+    which fails the notebook. A failed prediction is a result."""
+    return check["kind"] != "prediction" and not check["passed"]
+
+
+def load_checks(chapter: str) -> dict:
+    """The checks and reported values of the chapter's last good run (empty if none)."""
     path = paths(chapter)["checks"]
-    return json.loads(path.read_text()) if path.is_file() else []
+    return normalise_checks(json.loads(path.read_text())) if path.is_file() else {"checks": [], "reported": []}
 
 
 def load_meta(chapter: str) -> dict | None:
@@ -83,35 +99,47 @@ def load_meta(chapter: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def recorded_path(chapter: str, scale: str = "full") -> Path:
-    """Where a run made elsewhere (e.g. at ``scale=full`` on a GPU) is kept, committed with the book."""
-    return root() / "book" / "recorded" / f"{chapter}.{scale}.json"
+def recorded_dir(chapter: str) -> Path:
+    return root() / "book" / "recorded" / chapter
 
 
-def record(chapter: str, source: Path, hardware: str) -> Path:
-    """Keep the checks and run record that ``prefdyn run`` wrote into ``source`` (a folder brought
-    back from another machine), with the hardware it ran on, as the chapter's recorded run."""
-    checks = json.loads((source / f"{chapter}.checks.json").read_text())
-    meta = json.loads((source / f"{chapter}.run.json").read_text())
-    scale = meta["parameters"]["scale"]
-    return atomic_write_json(recorded_path(chapter, scale), {**meta, "hardware": hardware, "checks": checks})
+def record(chapter: str, label: str, source: Path | None = None, hardware: str | None = None,
+           data: str | None = None, allow_dirty: bool = False) -> Path:
+    """Keep the finished run whose ``<id>.checks.json`` and ``<id>.run.json`` are in ``source``
+    (default: this checkout's ``book/_executed``; or a folder brought back from another machine) as
+    ``book/recorded/<id>/<label>.json``, with its hardware, model, data and git revision.
+
+    A run whose git revision is unknown or made from a tree with uncommitted changes is refused
+    unless ``allow_dirty``, and then marked ``dirty``: a recorded run must name the code that made it.
+    """
+    if not label or not all(ch.isalnum() or ch in "-_." for ch in label):
+        raise ChapterError(f"label {label!r}: use letters, digits, '-', '_' or '.' (e.g. ci-original-data)")
+    chapter_source(chapter)
+    source = Path(source) if source is not None else executed_dir()
+    files = {k: source / f"{chapter}.{k}.json" for k in ("checks", "run")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise ChapterError(f"no finished run of {chapter} in {source} (missing {', '.join(missing)}); "
+                           f"run it first: prefdyn run {chapter}")
+    checks = normalise_checks(json.loads(files["checks"].read_text()))
+    meta = json.loads(files["run"].read_text())
+    git = meta.get("git")
+    dirty = git is None or git.endswith("+dirty")
+    if dirty and not allow_dirty:
+        raise ChapterError(f"the run of {chapter} was made from "
+                           f"{'an unknown revision' if git is None else 'a tree with uncommitted changes'} "
+                           f"({git}); commit and rerun it, or pass --allow-dirty to record it marked as such")
+    params = meta.get("parameters", {})
+    entry = {**meta, **checks, "label": label, "dirty": dirty, "hardware": hardware or meta.get("hardware"),
+             "model": params.get("model") or meta.get("defaults", {}).get("model"),
+             "data": data or params.get("data_dir")}
+    return atomic_write_json(recorded_dir(chapter) / f"{label}.json", entry)
 
 
-def load_recorded(chapter: str, scale: str = "full") -> dict | None:
-    path = recorded_path(chapter, scale)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def summary(chapters: list[str] | None = None) -> str:
-    """One line per chapter with the number of checks passed, then each failed check."""
-    lines = []
-    for chapter in chapters or chapter_ids():
-        checks = load_checks(chapter)
-        if not checks:
-            lines.append(f"{chapter}: no results yet")
-            continue
-        passed = sum(c["passed"] for c in checks)
-        lines.append(f"{chapter}: {passed}/{len(checks)} checks passed")
-        lines += [f"    FAIL {c['claim']}: predicted {c['predicted']}, observed {c['observed']} ({c['tolerance']})"
-                  for c in checks if not c["passed"]]
-    return "\n".join(lines)
+def load_recorded_runs(chapter: str) -> list[dict]:
+    """Every recorded run of the chapter, by label."""
+    out = []
+    for path in sorted(recorded_dir(chapter).glob("*.json")):
+        rec = json.loads(path.read_text())
+        out.append({**rec, **normalise_checks(rec["checks"]), "label": rec.get("label", path.stem)})
+    return out

@@ -40,6 +40,7 @@ __all__ = [
     "list_behaviours",
     "load_behaviour",
     "load_persona",
+    "provenance",
     "train_test_split",
 ]
 
@@ -250,3 +251,16 @@ def train_test_split(examples: Sequence[PersonaExample] | Mapping[str, Sequence[
     train = [ex for i, ex in enumerate(examples) if i not in test_indices]
     test = [ex for i, ex in enumerate(examples) if i in test_indices]
     return train, test
+
+
+def provenance(data_dir: str | os.PathLike | None, examples: Mapping[str, Sequence[PersonaExample]]) -> str:
+    """One sentence for the page saying which persona data a run used and how much of it: the
+    book's own files (written for it, with designed differences in difficulty between behaviours)
+    or the folder the reader passed, with the number of behaviours and statements."""
+    statements = sum(len(v) for v in examples.values())
+    size = f"{len(examples)} behaviours, {statements} statements in all"
+    if data_dir is None or _data_dir(data_dir).resolve() == PACKAGED_DATA_DIR.resolve():
+        return (f"the book's own persona files ({size}), written for this book in the format of "
+                "Anthropic's persona evaluations, with behaviours designed to differ in how "
+                "distinguishable their answers are; they are not the papers' data")
+    return f"the persona files in `{Path(data_dir).name}/` ({size}), passed as `data_dir`"

@@ -19,7 +19,8 @@ def start(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], 
           persona: tuple[Any, Any] | None = None, validate: tuple = (),
           threads: int | None = None) -> tuple[Run, Verification]:
     """Open a chapter: validate its parameters, seed everything, and return its :class:`~prefdyn.params.Run`
-    (the sizes of ``scale``) and an empty :class:`~prefdyn.book.verify.Verification` for its id.
+    (the sizes of ``scale``) and an empty :class:`~prefdyn.book.verify.Verification` for its id, with
+    the chapter's registered claims and predictions read (``chapters/claims/<id>.yml``) before any data.
 
     ``model`` (a model spec) is resolved without loading it (unknown names, missing files or
     packages, files that are not GGUF, a packaged file whose checksum is wrong);
@@ -32,4 +33,4 @@ def start(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], 
         ((lambda: load_persona(*persona),) if persona is not None else ()) + tuple(validate)
     run = setup(scale, device, seed, sizes, validate=checks)
     torch.set_num_threads(threads or ALL_THREADS)
-    return run, Verification()
+    return run, Verification(scale=run.scale)

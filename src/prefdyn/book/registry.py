@@ -1,0 +1,205 @@
+"""What each chapter declares before it runs: the papers' claims it treats and its registered predictions.
+
+Every chapter has a registry, ``chapters/claims/<id>.yml``, committed with the chapter and read by
+:func:`prefdyn.experiments.start` before any data are touched; ``chapters/claims/papers.yml`` names
+the papers. A registry holds
+
+* ``claims``: each claim of a paper the chapter treats: where the paper makes it, what it says, the
+  book's ``status`` (``derived`` — derived here and checked exactly; ``reconstructed`` — the paper's
+  statement could not be read and the book states its own version; ``not tested`` — with ``why``),
+  the chapter section (a MyST label) and the ids of the predictions that test it on a real model;
+* ``predictions``: claim, statistic, comparison (``passes_if: ">= 0.6"``), the number of measurements
+  ``n`` at each scale, the effect it expects (``effect``, with ``effect_source``: the paper's number or a
+  stated minimal effect) and the ``null`` (no effect). Its power and false-pass rate at a size are
+  computed by :func:`prefdyn.stats.pass_probability`.
+
+The replication ledger (:mod:`prefdyn.book.ledger`) is rendered from these files and the runs; a
+registration changed after the fact shows there with every version and its commit (from git).
+"""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from ..stats import COMPARISONS, TESTS, pass_probability
+from .runs import ChapterError, root
+
+SCALES = ("smoke", "ci", "full")
+STATUSES = ("derived", "reconstructed", "not tested")
+ADEQUATE_POWER = 0.8       # below it a prediction is "underpowered" and counts as evidence neither way
+MAX_FALSE_PASS = 0.05      # above it a pass says little: "not selective"
+
+
+class RegistryError(ChapterError):
+    """A chapter's registry is missing, malformed or refers to something that does not exist."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A prediction registered before the run: it passes iff ``statistic passes_if`` on ``n`` measurements."""
+
+    id: str
+    claim: str
+    statistic: str
+    test: str
+    passes_if: str
+    n: dict
+    units: str
+    effect: float
+    effect_source: str
+    null: float
+
+    @property
+    def comparison(self) -> tuple[str, float]:
+        symbol, threshold = self.passes_if.split()
+        return symbol, float(threshold)
+
+    def passes(self, observed: float) -> bool:
+        """NaN never passes."""
+        symbol, threshold = self.comparison
+        return bool(COMPARISONS[symbol](float(observed), threshold))
+
+    def power(self, n: int) -> float:
+        """P(pass | the effect is ``effect``) with ``n`` measurements."""
+        return pass_probability(self.test, int(n), self.effect, *self.comparison)
+
+    def false_pass(self, n: int) -> float:
+        """P(pass | no effect, ``null``) with ``n`` measurements."""
+        return pass_probability(self.test, int(n), self.null, *self.comparison)
+
+    def fingerprint(self) -> dict:
+        """What may not change after a result has been seen."""
+        return {k: v for k, v in asdict(self).items() if k != "id"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper: str
+    where: str
+    claim: str
+    status: str
+    section: str
+    predictions: tuple[str, ...] = ()
+    why: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Registry:
+    chapter: str
+    claims: tuple[Claim, ...]
+    predictions: dict = field(default_factory=dict)   # id -> Prediction
+
+    def prediction(self, pid: str) -> Prediction:
+        if pid not in self.predictions:
+            raise RegistryError(f"{self.chapter}: prediction {pid!r} is not registered in "
+                                f"{registry_path(self.chapter)}; register it there before the run "
+                                f"(registered: {', '.join(self.predictions) or 'none'})")
+        return self.predictions[pid]
+
+
+def claims_dir() -> Path:
+    return root() / "chapters" / "claims"
+
+
+def registry_path(chapter: str) -> Path:
+    return claims_dir() / f"{chapter}.yml"
+
+
+def _require(entry: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise RegistryError(f"{where}: missing {', '.join(missing)}")
+
+
+def parse_prediction(pid: str, entry: dict, where: str) -> Prediction:
+    where = f"{where}: prediction {pid!r}"
+    _require(entry, ("claim", "statistic", "test", "passes_if", "n", "units", "effect", "effect_source", "null"), where)
+    if entry["test"] not in TESTS:
+        raise RegistryError(f"{where}: test {entry['test']!r} is not one of {', '.join(TESTS)}")
+    parts = str(entry["passes_if"]).split()
+    if len(parts) != 2 or parts[0] not in COMPARISONS:
+        raise RegistryError(f"{where}: passes_if {entry['passes_if']!r} must read '<symbol> <number>', "
+                            f"symbol one of {', '.join(COMPARISONS)}")
+    float(parts[1])
+    if set(entry["n"]) != set(SCALES):
+        raise RegistryError(f"{where}: n must give the number of {entry['units']} at each of {', '.join(SCALES)}")
+    return Prediction(pid, entry["claim"], entry["statistic"], entry["test"], str(entry["passes_if"]),
+                      {s: int(entry["n"][s]) for s in SCALES}, entry["units"], float(entry["effect"]),
+                      entry["effect_source"], float(entry["null"]))
+
+
+def parse_registry(chapter: str, data: dict, where: str) -> Registry:
+    predictions = {pid: parse_prediction(pid, e, where) for pid, e in (data.get("predictions") or {}).items()}
+    papers = load_papers()
+    claims = []
+    for entry in data.get("claims") or []:
+        _require(entry, ("id", "paper", "where", "claim", "status", "section"), f"{where}: claim")
+        cw = f"{where}: claim {entry['id']!r}"
+        if entry["paper"] not in papers:
+            raise RegistryError(f"{cw}: paper {entry['paper']!r} is not in {claims_dir() / 'papers.yml'}")
+        if entry["status"] not in STATUSES:
+            raise RegistryError(f"{cw}: status {entry['status']!r} is not one of {', '.join(STATUSES)}")
+        if entry["status"] == "not tested" and not entry.get("why"):
+            raise RegistryError(f"{cw}: a claim that is not tested says why")
+        unknown = [p for p in entry.get("predictions", []) if p not in predictions]
+        if unknown:
+            raise RegistryError(f"{cw}: predictions {unknown} are not registered")
+        claims.append(Claim(entry["id"], entry["paper"], entry["where"], entry["claim"], entry["status"],
+                            entry["section"], tuple(entry.get("predictions", [])), entry.get("why", ""),
+                            entry.get("note", "")))
+    return Registry(chapter, tuple(claims), predictions)
+
+
+@lru_cache(maxsize=None)
+def load_papers() -> dict:
+    """``papers.yml``: key -> {title, authors, arxiv}."""
+    path = claims_dir() / "papers.yml"
+    if not path.is_file():
+        raise RegistryError(f"{path} is missing: it names the papers the chapters' claims come from")
+    return yaml.safe_load(path.read_text())
+
+
+def load_registry(chapter: str) -> Registry:
+    """The chapter's registry as committed; a chapter without one raises, naming the file to write."""
+    path = registry_path(chapter)
+    if not path.is_file():
+        raise RegistryError(f"{chapter}: no registry; write {path} (claims and predictions, see "
+                            f"prefdyn.book.registry) before running the chapter")
+    return parse_registry(chapter, yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def registration_history(chapter: str) -> dict[str, list[dict]]:
+    """For each prediction whose registration has changed in git, every version with its commit and
+    date, oldest first (``[{"commit", "date", "registration"}]``); a prediction never changed is absent.
+    Outside a git checkout the history is empty."""
+    rel = registry_path(chapter).relative_to(root())
+    try:
+        log = subprocess.run(["git", "-C", str(root()), "log", "--format=%h %as", "--", str(rel)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    versions: dict[str, list[dict]] = {}
+    for line in reversed([x for x in log if x.strip()]):
+        commit, date = line.split()
+        text = subprocess.run(["git", "-C", str(root()), "show", f"{commit}:{rel}"], capture_output=True,
+                              text=True, timeout=30).stdout
+        try:
+            reg = parse_registry(chapter, yaml.safe_load(text) or {}, f"{rel}@{commit}")
+        except (RegistryError, yaml.YAMLError, ValueError):
+            continue
+        for pid, p in reg.predictions.items():
+            seen = versions.setdefault(pid, [])
+            if not seen or seen[-1]["registration"] != p.fingerprint():
+                seen.append({"commit": commit, "date": date, "registration": p.fingerprint()})
+    if registry_path(chapter).is_file():
+        for pid, p in load_registry(chapter).predictions.items():
+            seen = versions.get(pid)
+            if seen and seen[-1]["registration"] != p.fingerprint():
+                seen.append({"commit": "working tree", "date": "uncommitted", "registration": p.fingerprint()})
+    return {pid: v for pid, v in versions.items() if len(v) > 1}
