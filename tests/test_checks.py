@@ -1,53 +1,300 @@
+"""Verification: kinds, registered predictions with power, reported values, recorded runs, the ledger."""
 import json
 import math
+import subprocess
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from scipy.stats import spearmanr
 
-from prefdyn.book import runs
-from prefdyn.book.verify import Verification, VerificationFailed
+from prefdyn.book import ledger, registry, runs
+from prefdyn.book.verify import Verification, VerificationFailed, runs_table, summary_line
 from prefdyn.params import Run
+from prefdyn.stats import bootstrap_mean_ci, pass_probability
+
+PAPERS = {"p1": {"title": "Paper One", "authors": "A and B", "venue": "V", "arxiv": "0000.00000", "readable": "all"}}
+PREDICTION = {"claim": "x correlates with y", "statistic": "Spearman(x, y)", "test": "spearman",
+              "passes_if": ">= 0.6", "n": {"smoke": 4, "ci": 12, "full": 30}, "units": "behaviours",
+              "effect": 0.8, "effect_source": "stated minimal effect", "no_effect": 0.0}
 
 
-def test_close_passes_only_within_tolerance():
-    v = Verification("t")
-    assert v.close("a", 1.0, 1.0 + 5e-7, atol=1e-6).passed
-    assert not v.close("b", 1.0, 1.0 + 2e-6, atol=1e-6).passed
-    assert not v.close("nan never passes", 0.0, math.nan, atol=1e9).passed
+def book(tmp_path, monkeypatch, chapters=("cha",), predictions=None, claims=None):
+    """A book folder with chapters, papers.yml and one registry per chapter."""
+    monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
+    registry.load_papers.cache_clear()
+    (tmp_path / "chapters" / "claims").mkdir(parents=True)
+    (tmp_path / "chapters" / "claims" / "papers.yml").write_text(yaml.safe_dump(PAPERS))
+    for chapter in chapters:
+        (tmp_path / "chapters" / f"{chapter}.md").write_text(f"---\n---\n# Title of {chapter}\n")
+        reg = {"predictions": predictions if predictions is not None else {"rho": PREDICTION},
+               "claims": claims if claims is not None else [
+                   {"id": "c", "paper": "p1", "where": "Thm 1", "claim": "x drives y", "status": "reconstructed",
+                    "section": "sec", "predictions": ["rho"]}]}
+        (tmp_path / "chapters" / "claims" / f"{chapter}.yml").write_text(yaml.safe_dump(reg, allow_unicode=True))
+    return tmp_path
 
 
-def test_bounds_and_table_mark_failures():
-    v = Verification("t")
-    assert v.at_least("x", 0.3, 0.2).passed
-    assert not v.at_least("y", 0.1, 0.2).passed
-    assert v.at_most("z", 0.1, 0.2).passed
-    assert not v.at_most("w", 0.3, 0.2).passed
-    table = v.table()
-    assert table.count("FAIL") == 2 and table.count("pass") == 2
+# --- operating characteristics against brute force ---------------------------------------------------
+
+def test_proportion_power_is_the_binomial_tail_and_matches_simulation():
+    rng = np.random.default_rng(1)
+    k = rng.binomial(20, 0.85, size=200_000)
+    assert pass_probability("proportion", 20, 0.85, ">=", 0.9) == pytest.approx(np.mean(k / 20 >= 0.9), abs=0.005)
+    phat = k / 20
+    lower = phat - 1.959963984540054 * np.sqrt(phat * (1 - phat) / 20)
+    assert pass_probability("proportion_lower_bound", 20, 0.85, ">", 0.5) == pytest.approx(np.mean(lower > 0.5),
+                                                                                          abs=0.005)
+
+
+def test_mean_lower_bound_power_matches_the_bootstrap_it_models():
+    """The closed form (a noncentral t) against the chapters' own percentile bootstrap on normal data."""
+    rng = np.random.default_rng(2)
+    for d, n in ((0.4, 30), (0.0, 30)):
+        hits = [bootstrap_mean_ci(rng.normal(d, 1.0, n), n_boot=400, seed=i)[1] > 0 for i in range(600)]
+        assert pass_probability("mean_lower_bound", n, d, ">", 0.0) == pytest.approx(np.mean(hits), abs=0.06)
+
+
+def test_spearman_power_matches_scipy_on_the_same_model():
+    rng = np.random.default_rng(3)
+    r = 2 * np.sin(np.pi * 0.7 / 6)
+    hits = []
+    for _ in range(3000):
+        x = rng.standard_normal(10)
+        hits.append(spearmanr(x, r * x + np.sqrt(1 - r * r) * rng.standard_normal(10))[0] >= 0.6)
+    assert pass_probability("spearman", 10, 0.7, ">=", 0.6) == pytest.approx(np.mean(hits), abs=0.04)
+    assert pass_probability("spearman", 10, 0.0, ">=", 0.6) < 0.05
+
+
+def test_spearman_lower_bound_agrees_with_the_fisher_z_approximation():
+    """Against Bonett and Wright's Fisher-z interval for Spearman's rho, se = sqrt((1 + rho²/2)/(n - 3))."""
+    from scipy.stats import norm
+
+    assert pass_probability("spearman_lower_bound", 20, 0.0, ">", 0.0) < 0.06
+    for n in (12, 24, 40):
+        se = math.sqrt((1 + 0.6 ** 2 / 2) / (n - 3))
+        approx = norm.cdf(math.atanh(0.6) / se - 1.959963984540054)
+        assert pass_probability("spearman_lower_bound", n, 0.6, ">", 0.0) == pytest.approx(approx, abs=0.06)
+
+
+@pytest.mark.parametrize("args, match", [
+    (("median", 10, 0.5, ">", 0), "unknown test"), (("proportion", 10, 1.5, ">", 0), r"\[0, 1\]"),
+    (("spearman", 1, 0.5, ">", 0), "at least 2"), (("spearman", 10, 0.5, "!=", 0), "comparison"),
+])
+def test_pass_probability_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        pass_probability(*args)
+
+
+# --- the registry ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, match", [
+    ({"test": "median"}, "test 'median'"), ({"passes_if": "at least 0.6"}, "passes_if"),
+    ({"n": {"smoke": 3, "ci": 12}}, "each of smoke, ci, full"), ({"no_effect": None}, "missing no_effect"),
+])
+def test_a_malformed_prediction_is_refused_naming_the_fix(tmp_path, monkeypatch, change, match):
+    entry = {k: v for k, v in {**PREDICTION, **change}.items() if v is not None}
+    book(tmp_path, monkeypatch, predictions={"rho": entry})
+    with pytest.raises(registry.RegistryError, match=match):
+        registry.load_registry("cha")
+
+
+def test_yaml_null_key_is_explained(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    path = tmp_path / "chapters" / "claims" / "cha.yml"
+    path.write_text(path.read_text().replace("no_effect:", "null:"))
+    with pytest.raises(registry.RegistryError, match="write the no-effect value as `no_effect:`"):
+        registry.load_registry("cha")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"paper": "p9"}, "paper 'p9'"), ({"status": "proved"}, "status 'proved'"),
+    ({"status": "not tested"}, "says why"), ({"predictions": ["nope"]}, "not registered"),
+])
+def test_a_malformed_claim_is_refused(tmp_path, monkeypatch, change, match):
+    claim = {"id": "c", "paper": "p1", "where": "Thm 1", "claim": "x", "status": "derived", "section": "s", **change}
+    book(tmp_path, monkeypatch, claims=[claim])
+    with pytest.raises(registry.RegistryError, match=match):
+        registry.load_registry("cha")
+
+
+def test_a_chapter_without_a_registry_names_the_file(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    (tmp_path / "chapters" / "claims" / "cha.yml").unlink()
+    with pytest.raises(registry.RegistryError, match="write .*cha.yml"):
+        Verification("cha")
+
+
+def test_registration_history_shows_every_version_with_its_commit(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "register"], check=True)
+    assert registry.registration_history("cha") == {}
+    path = tmp_path / "chapters" / "claims" / "cha.yml"
+    path.write_text(path.read_text().replace(">= 0.6", ">= 0.4"))
+    subprocess.run(git + ["commit", "-qam", "loosen"], check=True)
+    path.write_text(path.read_text().replace(">= 0.4", ">= 0.3"))
+    versions = registry.registration_history("cha")["rho"]
+    assert [v["registration"]["passes_if"] for v in versions] == [">= 0.6", ">= 0.4", ">= 0.3"]
+    assert versions[-1]["commit"] == "working tree" and len(versions[0]["commit"]) >= 7
+    text = ledger.ledger_markdown()
+    assert "`cha` / `rho`" in text and "passes if `>= 0.6`" in text and "passes if `>= 0.3`" in text
+
+
+# --- checks ------------------------------------------------------------------------------------------
+
+def test_identities_and_bounds_need_a_kind_and_pass_only_within_tolerance(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    v = Verification("cha")
+    with pytest.raises(TypeError):
+        v.close("a", 1.0, 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="registered and checked with Verification.predict"):
+        v.close("a", 1.0, 1.0, atol=1e-6, kind="prediction")
+    assert v.close("a", 1.0, 1.0 + 5e-7, atol=1e-6, kind="identity").passed
+    assert not v.close("b", 1.0, 1.0 + 2e-6, atol=1e-6, kind="identity").passed
+    assert not v.close("nan never passes", 0.0, math.nan, atol=1e9, kind="identity").passed
+    assert v.at_least("x", 0.3, 0.2, kind="bound").passed and not v.at_most("w", 0.3, 0.2, kind="bound").passed
     assert not v.passed
+    assert summary_line(v.to_json()["checks"]) == "3 identities (2 FAILED) and 2 bounds (1 FAILED)"
 
 
-def test_finish_saves_json_where_the_executor_asks_then_raises_on_failure(tmp_path, monkeypatch):
+@pytest.mark.parametrize("observed, n, status", [
+    (0.9, 30, "reproduced"), (0.1, 30, "not reproduced"), (0.9, 4, "underpowered (passed)"),
+    (math.nan, 30, "not reproduced"),
+])
+def test_a_prediction_takes_its_threshold_and_power_from_the_registry(tmp_path, monkeypatch, observed, n, status):
+    book(tmp_path, monkeypatch)
+    v = Verification("cha", scale="ci")
+    check = v.predict("rho", observed, n=n)
+    assert check.status == status and check.kind == "prediction"
+    assert check.prediction["power"] == pytest.approx(pass_probability("spearman", n, 0.8, ">=", 0.6))
+    assert check.prediction["registered_n"] == 12
+    assert "registered 12" in v.table()
+    with pytest.raises(ValueError, match="already checked"):
+        v.predict("rho", observed, n=n)
+    with pytest.raises(registry.RegistryError, match="'other' is not registered"):
+        v.predict("other", 0.0, n=3)
+
+
+def test_a_failed_prediction_is_a_result_and_a_failed_identity_is_a_bug(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
     path = tmp_path / "c.json"
-    monkeypatch.setenv(runs.CHAPTER_ENV, "ch99-test")
+    monkeypatch.setenv(runs.CHAPTER_ENV, "cha")
     monkeypatch.setenv(runs.CHECKS_ENV, str(path))
-    v = Verification()
-    assert v.chapter == "ch99-test"                  # the id comes from the executor, not the chapter
-    v.close("ok", 0.0, 0.0, atol=1e-9)
-    v.at_least("bad", 0.0, 1.0)
-    with pytest.raises(VerificationFailed, match="ch99-test: 1 check"):
-        v.finish(Run("smoke", torch.device("cpu"), 0, {}))
+    v = Verification(scale="ci")
+    assert v.chapter == "cha"                  # the id comes from the executor, not the chapter
+    v.close("ok", 0.0, 0.0, atol=1e-9, kind="identity")
+    v.predict("rho", 0.1, n=30)
+    assert v.report("acc", np.float64(0.75), (0.7, 0.8), "held-out accuracy") == 0.75
+    v.finish(Run("ci", torch.device("cpu"), 0, {}))       # not reproduced: no exception
     saved = json.loads(path.read_text())
-    assert [c["passed"] for c in saved] == [True, False]
-    assert set(saved[0]) == {"claim", "predicted", "observed", "tolerance", "passed"}
+    assert [c["status"] for c in saved["checks"]] == ["pass", "not reproduced"]
+    assert saved["reported"] == [{"name": "acc", "value": 0.75, "description": "held-out accuracy",
+                                  "interval": [0.7, 0.8]}]
+    v.at_least("bad", 0.0, 1.0, kind="bound")
+    with pytest.raises(VerificationFailed, match="1 identity/bound check"):
+        v.finish()
+    with pytest.raises(ValueError, match="already reported"):
+        v.report("acc", 1.0)
 
 
 def test_finish_without_checks_fails_and_a_hand_run_writes_no_json(tmp_path, monkeypatch):
     monkeypatch.delenv(runs.CHECKS_ENV, raising=False)
+    monkeypatch.delenv(runs.CHAPTER_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(VerificationFailed, match="no checks"):
-        Verification("t").finish()
-    v = Verification("t")
-    v.close("ok", 0.0, 0.0, atol=1e-9)
+        Verification().finish()
+    v = Verification()
+    with pytest.raises(ValueError, match="prefdyn run"):
+        v.predict("rho", 0.0, n=3)
+    v.close("ok", 0.0, 0.0, atol=1e-9, kind="identity")
     v.finish()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- recorded runs -----------------------------------------------------------------------------------
+
+def finished_run(folder, chapter="cha", git="abc1234", observed=0.9, n=30, **params):
+    """Write the two files `prefdyn run` leaves behind, for a run whose prediction measured ``observed``."""
+    v = Verification(chapter, scale=params.get("scale", "ci"))
+    v.close("exact", 0.0, 0.0, atol=1e-9, kind="identity")
+    v.predict("rho", observed, n=n)
+    v.report("acc", 0.75)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{chapter}.checks.json").write_text(json.dumps(v.to_json()))
+    (folder / f"{chapter}.run.json").write_text(json.dumps({
+        "chapter": chapter, "parameters": {"scale": "ci", **params}, "defaults": {"model": '"smollm2-135m"'},
+        "seconds": 12.0, "finished": "2026-01-01T00:00:00", "packages": {"torch": "9"}, "git": git,
+        "hardware": "Some CPU"}))
+
+
+def test_record_keeps_a_run_by_label_with_its_revision_and_refuses_a_dirty_one(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    finished_run(tmp_path / "book" / "_executed", data_dir="/data/persona-dev")
+    path = runs.record("cha", "ci-original")
+    assert path == tmp_path / "book" / "recorded" / "cha" / "ci-original.json"
+    rec = json.loads(path.read_text())
+    assert rec["git"] == "abc1234" and not rec["dirty"] and rec["data"] == "/data/persona-dev"
+    assert [c["status"] for c in rec["checks"]] == ["pass", "reproduced"] and rec["reported"][0]["name"] == "acc"
+    finished_run(tmp_path / "gpu", git="abc1234+dirty", scale="full")
+    with pytest.raises(runs.ChapterError, match="uncommitted changes.*--allow-dirty"):
+        runs.record("cha", "full-gpu", tmp_path / "gpu")
+    assert json.loads(runs.record("cha", "full-gpu", tmp_path / "gpu", "Some GPU", allow_dirty=True)
+                      .read_text())["dirty"]
+    with pytest.raises(runs.ChapterError, match="label"):
+        runs.record("cha", "bad label/")
+    with pytest.raises(runs.ChapterError, match="no finished run"):
+        runs.record("cha", "x", tmp_path / "nowhere")
+    recorded = runs.load_recorded_runs("cha")
+    assert [r["label"] for r in recorded] == ["ci-original", "full-gpu"]
+    live = json.loads((tmp_path / "book" / "_executed" / "cha.checks.json").read_text())
+    table = runs_table(live, recorded)
+    assert table.splitlines()[0] == "| row | this run | `ci-original` | `full-gpu` |"
+    assert "| x correlates with y | 0.9 (reproduced) | 0.9 (reproduced) | 0.9 (reproduced) |" in table
+    assert "| reported: acc | 0.75 | 0.75 | 0.75 |" in table and "Some GPU" in table
+
+
+def test_a_legacy_record_reads_as_unclassified_checks(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    folder = tmp_path / "book" / "recorded" / "cha"
+    folder.mkdir(parents=True)
+    (folder / "old.json").write_text(json.dumps({"parameters": {"scale": "full"}, "hardware": "GPU", "checks": [
+        {"claim": "a", "predicted": 0, "observed": 1, "tolerance": "t", "passed": False}]}))
+    (rec,) = runs.load_recorded_runs("cha")
+    assert rec["legacy"] and rec["checks"][0]["kind"] == "unclassified" and runs.is_failure(rec["checks"][0])
+
+
+# --- the ledger --------------------------------------------------------------------------------------
+
+def test_ledger_says_reproduced_only_for_an_adequately_powered_passing_prediction(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch, chapters=("cha", "chb", "chc"))
+    finished_run(tmp_path / "book" / "_executed", "cha", observed=0.9, n=30)   # reproduced
+    finished_run(tmp_path / "book" / "_executed", "chb", observed=0.9, n=4)    # underpowered
+    finished_run(tmp_path / "book" / "_executed", "chc", observed=0.1, n=30)   # not reproduced
+    finished_run(tmp_path / "big", "chb", observed=0.2, n=40)
+    runs.record("chb", "ci-original", tmp_path / "big")
+    rows = {r["chapter"]: r for r in ledger.ledger_rows()}
+    assert rows["cha"]["standing"][0].startswith("reconstructed")
+    assert rows["cha"]["standing"][1].startswith("**reproduced on a real LLM**: `rho` in `live`")
+    assert not any("reproduced on a real LLM" in s for s in rows["chb"]["standing"])
+    assert any(s.startswith("**not reproduced**: `rho` in `ci-original`") and "measured 0.2" in s
+               for s in rows["chb"]["standing"])
+    assert any("underpowered" in s and "`live`" in s for s in rows["chb"]["standing"])
+    assert any(s.startswith("**not reproduced**") for s in rows["chc"]["standing"])
+    text = ledger.ledger_markdown()
+    assert text.count("## Paper One") == 1 and "{ref}`sec`" in text
+
+
+def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_prediction():
+    """On the book itself: its registries parse, each claim's section exists, and each
+    "reproduced" row rests on a passing prediction with power >= 0.8 in some run."""
+    for row in ledger.ledger_rows():
+        claim = row["claim"]
+        source = runs.chapter_source(row["chapter"]).read_text()
+        assert f"({claim.section})=" in source, f"{row['chapter']}: no label ({claim.section})= for {claim.id}"
+        if any("reproduced on a real LLM" in s for s in row["standing"]):
+            assert any(e["status"] == "reproduced" and e["power"] >= registry.ADEQUATE_POWER
+                       and e["prediction"] in claim.predictions for e in row["evidence"]), claim.id

@@ -62,24 +62,6 @@ def test_book_refuses_to_build_before_chapters_are_executed(tmp_path, monkeypatc
         build.build_book()
 
 
-def test_record_keeps_checks_with_hardware_and_is_rendered(tmp_path, monkeypatch):
-    from prefdyn.book.verify import recorded_markdown
-
-    monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
-    assert "No run at `scale=full`" in recorded_markdown("chx")
-    src = tmp_path / "from-gpu"
-    src.mkdir()
-    (src / "chx.checks.json").write_text(json.dumps([
-        {"claim": "a", "predicted": 0.0, "observed": 1e-9, "tolerance": "|obs - pred| <= 1e-06", "passed": True},
-        {"claim": "b", "predicted": "> 0", "observed": -1.0, "tolerance": "observed > 0", "passed": False}]))
-    (src / "chx.run.json").write_text(json.dumps({"parameters": {"scale": "full"}, "seconds": 12.0,
-                                                  "finished": "2026-01-01T00:00:00", "packages": {"torch": "9"}}))
-    path = runs.record("chx", src, "Some GPU")
-    assert path == tmp_path / "book" / "recorded" / "chx.full.json"
-    text = recorded_markdown("chx")
-    assert "Some GPU" in text and "1/2 checks passed" in text and "FAIL" in text
-
-
 def test_mathjax_is_staged_from_its_package(tmp_path):
     target = build.stage_mathjax(tmp_path)
     assert (target / "tex-mml-chtml.js").stat().st_size > 100_000
@@ -95,28 +77,30 @@ def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypat
         (tmp_path / "chapters" / f"{chapter}.md").write_text(f"---\n---\n# Title of {chapter}\n")
     out = tmp_path / "book" / "_executed"
     out.mkdir(parents=True)
-    (out / "cha.checks.json").write_text(json.dumps([
-        {"claim": "c1", "predicted": 0.0, "observed": 0.5, "tolerance": "observed <= 1", "passed": True},
-        {"claim": "c2", "predicted": "> 0", "observed": -1.0, "tolerance": "observed > 0", "passed": False}]))
+    checks = [{"kind": "identity", "claim": "c1", "predicted": 0.0, "observed": 0.5, "tolerance": "observed <= 1",
+               "passed": True, "status": "pass", "prediction": None},
+              {"kind": "bound", "claim": "c2", "predicted": "> 0", "observed": -1.0, "tolerance": "observed > 0",
+               "passed": False, "status": "FAIL", "prediction": None}]
+    (out / "cha.checks.json").write_text(json.dumps({"checks": checks, "reported": []}))
     (out / "cha.run.json").write_text(json.dumps({
         "parameters": {"scale": "smoke", "device": "cpu"}, "defaults": {"seed": "0", "model": '"smollm2-135m"',
                                                                          "lr": "0.1"},
         "seconds": 12.3, "finished": "2026-01-02T03:04:05+0000", "python": "3.11", "packages": {"torch": "9.9"},
         "git": "abc1234", "hardware": "Some CPU, 2 cores"}))
     rec = dict(json.loads((out / "cha.run.json").read_text()), parameters={"scale": "full"}, hardware="Some GPU",
-               checks=[{"claim": "c1", "predicted": 0.0, "observed": 0.1, "tolerance": "observed <= 1",
-                        "passed": True}])
-    (tmp_path / "book" / "recorded").mkdir()
-    (tmp_path / "book" / "recorded" / "cha.full.json").write_text(json.dumps(rec))
+               label="full-gpu", checks=checks[:1], reported=[])
+    (tmp_path / "book" / "recorded" / "cha").mkdir(parents=True)
+    (tmp_path / "book" / "recorded" / "cha" / "full-gpu.json").write_text(json.dumps(rec))
 
     text = report.reproducibility_markdown()
     glance = text.split("## At a glance")[1].split("\n## ")[0]
-    assert "| {doc}`cha <cha>` | ❌ 1/2 | smoke, cpu, 12 s, 2026-01-02 | ✅ 1/1 on Some GPU, 2026-01-02 |" in glance
+    assert ("| {doc}`cha <cha>` | 1 identity and 1 bound (1 FAILED) | smoke, cpu, 12 s, 2026-01-02 | `full-gpu` |"
+            in glance)
     assert "| {doc}`chb <chb>` | not run | — | none |" in glance
     section = text.split("## Title of cha")[1].split("## Title of chb")[0]
     assert '`scale="smoke"`, `device="cpu"`, `seed=0`, `model="smollm2-135m"`; chapter-specific: `lr=0.1`' in section
     assert "Some CPU, 2 cores" in section and "`abc1234`" in section and "torch 9.9" in section
-    assert section.count("| c1 |") == 2 and "❌ **FAIL**" in section
+    assert section.count("| c1 |") == 2 and "| FAIL |" in section and "### Recorded run `full-gpu`" in section
     assert "*Not executed in this build.*" in text.split("## Title of chb")[1]
     path = report.write_reproducibility_page()
     assert path == out / "reproducibility.md" and path.read_text() == text

@@ -1,8 +1,8 @@
 """The HTML book, built from the executed notebooks by Jupyter Book (the build executes nothing).
 
 MathJax is copied from a PyPI package into ``book/_static`` so that the pages typeset their
-mathematics with no network, and the reproducibility report (:mod:`prefdyn.book.report`) is
-written from the run records just before the build.
+mathematics with no network, and the reproducibility report (:mod:`prefdyn.book.report`) and the
+replication ledger (:mod:`prefdyn.book.ledger`) are written from the run records just before the build.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from .ledger import write_ledger_page
 from .report import write_reproducibility_page
 from .runs import ChapterError, chapter_ids, paths, root
 
@@ -48,6 +49,7 @@ def build_book(log=print) -> Path:
     top = root()
     stage_mathjax(top)
     write_reproducibility_page()
+    write_ledger_page()
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(top), "--config", str(top / "_config.yml"),
            "--toc", str(top / "book" / "_toc.yml"), "--path-output", str(top / "book"), "-W", "-n", "--keep-going"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

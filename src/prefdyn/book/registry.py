@@ -6,11 +6,13 @@ the papers. A registry holds
 
 * ``claims``: each claim of a paper the chapter treats: where the paper makes it, what it says, the
   book's ``status`` (``derived`` — derived here and checked exactly; ``reconstructed`` — the paper's
-  statement could not be read and the book states its own version; ``not tested`` — with ``why``),
+  statement could not be read and the book states its own version; ``empirical`` — a claim about
+  models or data only, whose standing comes from its predictions alone; ``not tested`` — with ``why``),
   the chapter section (a MyST label) and the ids of the predictions that test it on a real model;
 * ``predictions``: claim, statistic, comparison (``passes_if: ">= 0.6"``), the number of measurements
   ``n`` at each scale, the effect it expects (``effect``, with ``effect_source``: the paper's number or a
-  stated minimal effect) and the ``null`` (no effect). Its power and false-pass rate at a size are
+  stated minimal effect) and the value of the statistic's parameter when there is no effect
+  (``no_effect``). Its power and false-pass rate at a size are
   computed by :func:`prefdyn.stats.pass_probability`.
 
 The replication ledger (:mod:`prefdyn.book.ledger`) is rendered from these files and the runs; a
@@ -29,7 +31,7 @@ from ..stats import COMPARISONS, TESTS, pass_probability
 from .runs import ChapterError, root
 
 SCALES = ("smoke", "ci", "full")
-STATUSES = ("derived", "reconstructed", "not tested")
+STATUSES = ("derived", "reconstructed", "empirical", "not tested")
 ADEQUATE_POWER = 0.8       # below it a prediction is "underpowered" and counts as evidence neither way
 MAX_FALSE_PASS = 0.05      # above it a pass says little: "not selective"
 
@@ -51,7 +53,7 @@ class Prediction:
     units: str
     effect: float
     effect_source: str
-    null: float
+    no_effect: float
 
     @property
     def comparison(self) -> tuple[str, float]:
@@ -68,8 +70,8 @@ class Prediction:
         return pass_probability(self.test, int(n), self.effect, *self.comparison)
 
     def false_pass(self, n: int) -> float:
-        """P(pass | no effect, ``null``) with ``n`` measurements."""
-        return pass_probability(self.test, int(n), self.null, *self.comparison)
+        """P(pass | no effect, ``no_effect``) with ``n`` measurements."""
+        return pass_probability(self.test, int(n), self.no_effect, *self.comparison)
 
     def fingerprint(self) -> dict:
         """What may not change after a result has been seen."""
@@ -119,7 +121,9 @@ def _require(entry: dict, keys: tuple[str, ...], where: str) -> None:
 
 def parse_prediction(pid: str, entry: dict, where: str) -> Prediction:
     where = f"{where}: prediction {pid!r}"
-    _require(entry, ("claim", "statistic", "test", "passes_if", "n", "units", "effect", "effect_source", "null"), where)
+    if None in entry:
+        raise RegistryError(f"{where}: write the no-effect value as `no_effect:` (YAML reads `null:` as an empty key)")
+    _require(entry, ("claim", "statistic", "test", "passes_if", "n", "units", "effect", "effect_source", "no_effect"), where)
     if entry["test"] not in TESTS:
         raise RegistryError(f"{where}: test {entry['test']!r} is not one of {', '.join(TESTS)}")
     parts = str(entry["passes_if"]).split()
@@ -131,7 +135,7 @@ def parse_prediction(pid: str, entry: dict, where: str) -> Prediction:
         raise RegistryError(f"{where}: n must give the number of {entry['units']} at each of {', '.join(SCALES)}")
     return Prediction(pid, entry["claim"], entry["statistic"], entry["test"], str(entry["passes_if"]),
                       {s: int(entry["n"][s]) for s in SCALES}, entry["units"], float(entry["effect"]),
-                      entry["effect_source"], float(entry["null"]))
+                      entry["effect_source"], float(entry["no_effect"]))
 
 
 def parse_registry(chapter: str, data: dict, where: str) -> Registry:

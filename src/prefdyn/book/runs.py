@@ -141,5 +141,6 @@ def load_recorded_runs(chapter: str) -> list[dict]:
     out = []
     for path in sorted(recorded_dir(chapter).glob("*.json")):
         rec = json.loads(path.read_text())
-        out.append({**rec, **normalise_checks(rec["checks"]), "label": rec.get("label", path.stem)})
+        legacy = rec["checks"] and "kind" not in rec["checks"][0]
+        out.append({**rec, **(normalise_checks(rec["checks"]) if legacy else {}), "label": rec.get("label", path.stem)})
     return out

@@ -260,7 +260,7 @@ class Verification:
         passed = p.passes(observed)
         info = {"id": pid, "statistic": p.statistic, "n": n, "registered_n": p.n.get(self.scale, n),
                 "units": p.units, "power": power, "false_pass": false_pass, "effect": p.effect,
-                "effect_source": p.effect_source, "null": p.null}
+                "effect_source": p.effect_source, "no_effect": p.no_effect}
         check = self._add("prediction", p.claim, f"effect {fmt(p.effect)} ({p.effect_source})", observed,
                           p.passes_if, passed, info, prediction_status(passed, power, false_pass))
         glue_value(f"{pid.replace('-', '_')}_status", check.status)

@@ -258,7 +258,7 @@ def provenance(data_dir: str | os.PathLike | None, examples: Mapping[str, Sequen
     book's own files (written for it, with designed differences in difficulty between behaviours)
     or the folder the reader passed, with the number of behaviours and statements."""
     statements = sum(len(v) for v in examples.values())
-    size = f"{len(examples)} behaviours, {statements} statements in all"
+    size = f"{len(examples)} behaviour{'s' if len(examples) != 1 else ''}, {statements} statements in all"
     if data_dir is None or _data_dir(data_dir).resolve() == PACKAGED_DATA_DIR.resolve():
         return (f"the book's own persona files ({size}), written for this book in the format of "
                 "Anthropic's persona evaluations, with behaviours designed to differ in how "

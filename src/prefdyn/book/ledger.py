@@ -1,0 +1,144 @@
+"""The replication ledger: for each paper, each of its claims and what this book has shown about it.
+
+Rendered at build time (:func:`prefdyn.book.build.build_book`) from what the chapters declare — their
+registries, ``chapters/claims/<id>.yml`` (:mod:`prefdyn.book.registry`) — and from the runs: the
+live run of this build (``book/_executed/<id>.checks.json``) and every recorded run
+(``book/recorded/<id>/<label>.json``). Nothing on the page is typed by hand. A claim's standing is
+
+* ``derived, checked exactly`` or ``reconstructed`` (the paper's statement could not be read; the
+  book's own version), as the chapter declares;
+* ``reproduced on a real LLM`` only where some run holds a *reproduced* prediction of the claim
+  (passed, with power ≥ 0.8 and false-pass rate ≤ 0.05 at that run's size), naming the runs;
+* ``not reproduced`` where an adequately powered prediction failed, with its numbers;
+* ``underpowered`` where the only runs were too small to count either way;
+* ``not tested``, with the chapter's reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..store import atomic_write
+from .registry import load_papers, load_registry, registration_history
+from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs
+from .verify import NOT_REPRODUCED, REPRODUCED, fmt
+
+PAGE = "ledger.md"
+DECLARED = {"derived": "derived, checked exactly", "reconstructed": "reconstructed (the book's own statement)",
+            "empirical": "", "not tested": "not tested"}
+
+
+def chapter_runs(chapter: str) -> list[dict]:
+    """The live run of this build (if executed) and every recorded run, each with a label and facts."""
+    runs = []
+    meta = load_meta(chapter)
+    if meta is not None:
+        params = meta.get("parameters", {})
+        runs.append({**load_checks(chapter), "label": "live", "parameters": params,
+                     "hardware": meta.get("hardware"), "git": meta.get("git"),
+                     "model": params.get("model") or meta.get("defaults", {}).get("model", "").strip('"'),
+                     "data": params.get("data_dir")})
+    return runs + load_recorded_runs(chapter)
+
+
+def describe_run(run: dict) -> str:
+    p = run.get("parameters", {})
+    data = f"data `{Path(str(run['data'])).name}/`" if run.get("data") else "the book's data"
+    return (f"`{run['label']}` ({p.get('scale', '?')}, {run.get('model') or 'default model'}, {data}, "
+            f"{run.get('hardware') or 'unrecorded hardware'})")
+
+
+def evidence(claim, runs: list[dict]) -> list[dict]:
+    """Every result of one of the claim's predictions in one of the runs."""
+    out = []
+    for run in runs:
+        for c in run["checks"]:
+            if c.get("prediction") and c["prediction"]["id"] in claim.predictions:
+                out.append({"run": run, "prediction": c["prediction"]["id"], "status": c["status"],
+                            "observed": c["observed"], "passes_if": c["tolerance"],
+                            "power": c["prediction"]["power"], "n": c["prediction"]["n"]})
+    return out
+
+
+def standing(claim, found: list[dict]) -> list[str]:
+    """The claim's status phrases, most important first (see the module docstring)."""
+    out = []
+    by_status: dict[str, list[dict]] = {}
+    for e in found:
+        by_status.setdefault(e["status"].split(" (")[0], []).append(e)
+    if REPRODUCED in by_status:
+        out.append("**reproduced on a real LLM**: " + "; ".join(
+            f"`{e['prediction']}` in {describe_run(e['run'])}" for e in by_status[REPRODUCED]))
+    if NOT_REPRODUCED in by_status:
+        out.append("**not reproduced**: " + "; ".join(
+            f"`{e['prediction']}` in {describe_run(e['run'])}: measured {fmt(e['observed'])}, "
+            f"passes if {e['passes_if']}, power {e['power']:.2f}" for e in by_status[NOT_REPRODUCED]))
+    weak = [e for k, v in by_status.items() if k not in (REPRODUCED, NOT_REPRODUCED) for e in v]
+    if weak:
+        out.append("underpowered or not selective (no evidence either way): " + "; ".join(
+            f"`{e['prediction']}` in `{e['run']['label']}` ({e['status']}, power {e['power']:.2f} at n = {e['n']})"
+            for e in weak))
+    if DECLARED[claim.status]:
+        out.insert(0, DECLARED[claim.status] + (f": {claim.why}" if claim.status == "not tested" else ""))
+    if claim.predictions and not found:
+        out.append("its predictions have not been run in this build")
+    if not out:
+        out.append("not tested: no run holds its predictions")
+    return out
+
+
+def ledger_rows(chapters: list[str] | None = None) -> list[dict]:
+    """One row per declared claim: paper, chapter, where, what, standing and evidence."""
+    rows = []
+    for chapter in chapters or chapter_ids():
+        registry, runs = load_registry(chapter), chapter_runs(chapter)
+        for claim in registry.claims:
+            found = evidence(claim, runs)
+            rows.append({"paper": claim.paper, "chapter": chapter, "claim": claim, "evidence": found,
+                         "standing": standing(claim, found)})
+    return rows
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def ledger_markdown(chapters: list[str] | None = None) -> str:
+    chapters = chapters or chapter_ids()
+    rows, papers = ledger_rows(chapters), load_papers()
+    out = ["# Replication ledger", "",
+           "What this book has shown about each claim of the papers it treats. The page is rendered by "
+           "`prefdyn book` from the claims and the predictions each chapter registers before it runs "
+           "(`chapters/claims/<chapter>.yml`) and from the runs of this build and the recorded runs "
+           "(`book/recorded/`); nothing on it is typed by hand. A claim is *reproduced on a real LLM* only "
+           "where a registered prediction passed in a run large enough to detect the effect (power at "
+           "least 0.8, false-pass rate at most 0.05); a prediction that failed at that power is *not "
+           "reproduced*; smaller runs count as evidence neither way.", ""]
+    for key, paper in papers.items():
+        mine = [r for r in rows if r["paper"] == key]
+        if not mine:
+            continue
+        out += [f"## {paper['title']}", "",
+                f"{paper['authors']}, {paper['venue']} (arXiv {paper['arxiv']}). What of it can be read here: "
+                f"{paper['readable']}.", "",
+                "| claim | where in the paper | what it claims | this book | chapter |", "|---|---|---|---|---|"]
+        for r in mine:
+            c = r["claim"]
+            link = f"{{ref}}`{c.section}`"
+            out.append("| " + " | ".join(_cell(x) for x in (
+                f"`{c.id}`", c.where, c.claim + (f" ({c.note})" if c.note else ""),
+                "<br>".join(r["standing"]), link)) + " |")
+        out.append("")
+    changed = [(ch, pid, v) for ch in chapters for pid, v in registration_history(ch).items()]
+    out += ["## Registrations changed after they were made", ""]
+    if not changed:
+        out.append("No registered prediction has been changed since it was first committed.")
+    for chapter, pid, versions in changed:
+        out += [f"- `{chapter}` / `{pid}`:"] + [
+            f"  - {v['commit']} ({v['date']}): passes if `{v['registration']['passes_if']}`, n "
+            f"{v['registration']['n']}, effect {v['registration']['effect']}" for v in versions]
+    return "\n".join(out) + "\n"
+
+
+def write_ledger_page() -> Path:
+    """Write the ledger next to the executed notebooks (``book/_executed/ledger.md``)."""
+    return atomic_write(executed_dir() / PAGE, ledger_markdown())
