@@ -54,6 +54,7 @@ def book(tmp_path_factory):
     (top / "chapters").mkdir()
     for chapter in CHAPTERS:
         shutil.copy(REPO / "chapters" / f"{chapter}.md", top / "chapters")
+    shutil.copytree(REPO / "chapters" / "claims", top / "chapters" / "claims")
     shutil.copytree(REPO / "book", top / "book", ignore=shutil.ignore_patterns("_build", "_executed", "_static"))
     shutil.copy(REPO / "_config.yml", top / "_config.yml")
     toc = top / "book" / "_toc.yml"  # without the chapters left out by PREFDYN_TEST_CHAPTERS

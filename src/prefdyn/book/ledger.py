@@ -20,7 +20,7 @@ from pathlib import Path
 from ..store import atomic_write
 from .registry import load_papers, load_registry, registration_history
 from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs
-from .verify import NOT_REPRODUCED, REPRODUCED, fmt
+from .verify import NOT_REPRODUCED, REPRODUCED, fmt, table_cell
 
 PAGE = "ledger.md"
 DECLARED = {"derived": "derived, checked exactly", "reconstructed": "reconstructed (the book's own statement)",
@@ -98,10 +98,6 @@ def ledger_rows(chapters: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def ledger_markdown(chapters: list[str] | None = None) -> str:
     chapters = chapters or chapter_ids()
     rows, papers = ledger_rows(chapters), load_papers()
@@ -124,7 +120,7 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
         for r in mine:
             c = r["claim"]
             link = f"{{ref}}`{c.section}`"
-            out.append("| " + " | ".join(_cell(x) for x in (
+            out.append("| " + " | ".join(table_cell(x) for x in (
                 f"`{c.id}`", c.where, c.claim + (f" ({c.note})" if c.note else ""),
                 "<br>".join(r["standing"]), link)) + " |")
         out.append("")

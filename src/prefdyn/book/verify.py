@@ -84,12 +84,13 @@ def prediction_status(passed: bool, power: float, false_pass: float) -> str:
     return REPRODUCED if passed else NOT_REPRODUCED
 
 
-def _cell(s: Any) -> str:
+def table_cell(s: Any) -> str:
+    """Text safe inside a Markdown table cell."""
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
 def _row(cells) -> str:
-    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+    return "| " + " | ".join(table_cell(c) for c in cells) + " |"
 
 
 def render_table(checks: list[dict]) -> str:
