@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from prefdyn.book import ledger, registry, runs
 from prefdyn.book.verify import Verification, VerificationFailed, runs_table, summary_line
 from prefdyn.params import Run
-from prefdyn.stats import bootstrap_mean_ci, pass_probability
+from prefdyn.stats import bootstrap_mean_ci, pass_probability, spearman_lower_bound
 
 PAPERS = {"p1": {"title": "Paper One", "authors": "A and B", "venue": "V", "arxiv": "0000.00000", "readable": "all"}}
 PREDICTION = {"claim": "x correlates with y", "statistic": "Spearman(x, y)", "test": "spearman",
@@ -76,6 +76,20 @@ def test_spearman_lower_bound_agrees_with_the_fisher_z_approximation():
         se = math.sqrt((1 + 0.6 ** 2 / 2) / (n - 3))
         approx = norm.cdf(math.atanh(0.6) / se - 1.959963984540054)
         assert pass_probability("spearman_lower_bound", n, 0.6, ">", 0.0) == pytest.approx(approx, abs=0.06)
+
+
+def test_spearman_lower_bound_resamples_the_units():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=9)
+    y = x + rng.normal(size=9)
+    y[3] = y[4]                                                   # a tie in the data too
+    draw = np.random.default_rng(7).integers(0, 9, size=(50, 9))  # the same resamples, by hand
+    rho = [spearmanr(x[i], y[i]).statistic for i in draw]
+    assert spearman_lower_bound(x, y, seed=7, n_boot=50) == pytest.approx(np.nanquantile(rho, 0.025), abs=1e-12)
+    assert spearman_lower_bound(x, x, seed=0) == pytest.approx(1.0)          # every resample ranks alike
+    assert spearman_lower_bound(x, -x, seed=0) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        spearman_lower_bound(x, y[:5], seed=0)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -288,6 +302,17 @@ def test_ledger_says_reproduced_only_for_an_adequately_powered_passing_predictio
     assert text.count("## Paper One") == 1 and "{ref}`sec`" in text
 
 
+def test_a_prediction_on_synthetic_data_is_reproduced_in_simulation_not_on_a_real_llm(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch, predictions={"rho": {**PREDICTION, "setting": "simulation"}})
+    finished_run(tmp_path / "book" / "_executed", "cha", observed=0.9, n=30)
+    (row,) = ledger.ledger_rows()
+    assert row["standing"][1].startswith("**reproduced in simulation**")
+    assert not any("real LLM" in s for s in row["standing"])
+    book(tmp_path / "x", monkeypatch, predictions={"rho": {**PREDICTION, "setting": "toy"}})
+    with pytest.raises(registry.RegistryError, match="setting 'toy'"):
+        registry.load_registry("cha")
+
+
 def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_prediction():
     """On the book itself: its registries parse, each claim's section exists, and each
     "reproduced" row rests on a passing prediction with power >= 0.8 in some run."""
@@ -297,4 +322,5 @@ def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_
         assert f"({claim.section})=" in source, f"{row['chapter']}: no label ({claim.section})= for {claim.id}"
         if any("reproduced on a real LLM" in s for s in row["standing"]):
             assert any(e["status"] == "reproduced" and e["power"] >= registry.ADEQUATE_POWER
-                       and e["prediction"] in claim.predictions for e in row["evidence"]), claim.id
+                       and e["setting"] == "real model" and e["prediction"] in claim.predictions
+                       for e in row["evidence"]), claim.id

@@ -125,6 +125,15 @@ def test_cycle_strength_is_the_variance_over_rounds_averaged_over_candidates():
     assert np.allclose(ch04.cycle_strength(pis.log()), [0.09, 0.0], atol=1e-15)
 
 
+def test_prompt_provenance_counts_the_shipped_prompts_and_says_they_were_written_for_the_book():
+    from prefdyn.datasets.prompts import load_prompts
+
+    text = ch04.prompt_provenance(2, 3)
+    assert f"the first 2 of the {len(load_prompts('rps'))} rock–paper–scissors prompts" in text
+    assert f"the first 3 of the {len(load_prompts('digits'))} digit prompts" in text
+    assert "written for this book" in text
+
+
 def test_trainable_state_copies_only_the_trained_weights():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     model[0].requires_grad_(False)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from prefdyn.datasets import demonstrations
 from prefdyn.datasets.demonstrations import Demonstration
 from prefdyn.experiments import ch05
 from prefdyn.llm import models
@@ -91,3 +92,12 @@ def test_response_features_are_the_last_token_final_hidden_state(smol, tmp_path,
             ids = torch.tensor([smol.tokenizer.encode(p + y, add_special_tokens=False)])
             hidden = smol.model(ids, output_hidden_states=True).hidden_states[-1][0, -1]
             torch.testing.assert_close(z[k], hidden.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_provenance_names_the_shipped_set_or_the_readers_file_with_counts():
+    demos = [demo("red"), demo("blue"), Demonstration("x", "other", "Say x.", "It is x.", ("x",))]
+    shipped = demonstrations.provenance(None, demos)
+    assert "book's own demonstration set (3 demonstrations in 2 categories)" in shipped
+    assert "not the paper's" in shipped
+    own = demonstrations.provenance("/tmp/mine/demos.jsonl", demos[:1])
+    assert own == "the demonstrations in `demos.jsonl` (1 demonstration in 1 category), passed as `demonstrations_path`"

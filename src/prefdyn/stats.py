@@ -67,7 +67,7 @@ def _spearman_sample(n: int, rho_s: float, sims: int, rng) -> tuple[np.ndarray, 
     return rankdata(x, axis=1), rankdata(y, axis=1)
 
 
-def _rank_correlation(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+def rank_correlation(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
     """Spearman correlation along the last axis (Pearson correlation of ranks)."""
     rx = rx - rx.mean(-1, keepdims=True)
     ry = ry - ry.mean(-1, keepdims=True)
@@ -85,17 +85,32 @@ def _spearman(n: int, rho_s: float, symbol: str, threshold: float, lower_bound: 
     sims = sims // 2 if lower_bound else sims  # the bootstrap costs 200 resamples a simulation
     rx, ry = _spearman_sample(n, rho_s, sims, rng)
     if not lower_bound:
-        stat = _rank_correlation(rx, ry)
+        stat = rank_correlation(rx, ry)
     else:
         idx = rng.integers(0, n, size=(sims, BOOTSTRAP_RESAMPLES, n))
         bx = rankdata(np.take_along_axis(rx[:, None, :].repeat(BOOTSTRAP_RESAMPLES, 1), idx, 2), axis=2)
         by = rankdata(np.take_along_axis(ry[:, None, :].repeat(BOOTSTRAP_RESAMPLES, 1), idx, 2), axis=2)
-        stat = np.nanquantile(_rank_correlation(bx, by), 0.025, axis=1)
+        stat = np.nanquantile(rank_correlation(bx, by), 0.025, axis=1)
     return float(np.mean(COMPARISONS[symbol](np.nan_to_num(stat, nan=-np.inf if symbol[0] == ">" else np.inf),
                                              threshold)))
 
 
 BOOTSTRAP_RESAMPLES = 200
+def spearman_lower_bound(x, y, seed: int, n_boot: int = BOOTSTRAP_RESAMPLES) -> float:
+    """Lower end of the 95% percentile-bootstrap interval of the Spearman correlation of the pairs
+    ``(x_k, y_k)``, resampling the pairs (the units, e.g. behaviours) with replacement ``n_boot``
+    times from ``np.random.default_rng(seed)``: the statistic that the ``spearman_lower_bound`` test
+    of :func:`pass_probability` models. Ties from repeated units get average ranks; a resample whose
+    ranks are all tied has no correlation and is left out."""
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
+        raise ValueError("spearman_lower_bound needs two 1-d arrays of the same length, at least 2")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    return float(np.nanquantile(rank_correlation(rankdata(x[idx], axis=1), rankdata(y[idx], axis=1)), 0.025))
+
+
 TESTS = ("proportion", "proportion_lower_bound", "mean_lower_bound", "spearman", "spearman_lower_bound")
 
 

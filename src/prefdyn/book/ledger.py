@@ -8,7 +8,8 @@ live run of this build (``book/_executed/<id>.checks.json``) and every recorded 
 * ``derived, checked exactly`` or ``reconstructed`` (the paper's statement could not be read; the
   book's own version), as the chapter declares;
 * ``reproduced on a real LLM`` only where some run holds a *reproduced* prediction of the claim
-  (passed, with power ≥ 0.8 and false-pass rate ≤ 0.05 at that run's size), naming the runs;
+  about a real model (passed, with power ≥ 0.8 and false-pass rate ≤ 0.05 at that run's size),
+  naming the runs; ``reproduced in simulation`` for one about sampled synthetic data;
 * ``not reproduced`` where an adequately powered prediction failed, with its numbers;
 * ``underpowered`` where the only runs were too small to count either way;
 * ``not tested``, with the chapter's reason.
@@ -54,6 +55,7 @@ def evidence(claim, runs: list[dict]) -> list[dict]:
         for c in run["checks"]:
             if c.get("prediction") and c["prediction"]["id"] in claim.predictions:
                 out.append({"run": run, "prediction": c["prediction"]["id"], "status": c["status"],
+                            "setting": c["prediction"].get("setting", "real model"),
                             "observed": c["observed"], "passes_if": c["tolerance"],
                             "power": c["prediction"]["power"], "n": c["prediction"]["n"]})
     return out
@@ -65,9 +67,11 @@ def standing(claim, found: list[dict]) -> list[str]:
     by_status: dict[str, list[dict]] = {}
     for e in found:
         by_status.setdefault(e["status"].split(" (")[0], []).append(e)
-    if REPRODUCED in by_status:
-        out.append("**reproduced on a real LLM**: " + "; ".join(
-            f"`{e['prediction']}` in {describe_run(e['run'])}" for e in by_status[REPRODUCED]))
+    for setting, phrase in (("real model", "reproduced on a real LLM"), ("simulation", "reproduced in simulation")):
+        found_here = [e for e in by_status.get(REPRODUCED, []) if e["setting"] == setting]
+        if found_here:
+            out.append(f"**{phrase}**: " + "; ".join(
+                f"`{e['prediction']}` in {describe_run(e['run'])}" for e in found_here))
     if NOT_REPRODUCED in by_status:
         out.append("**not reproduced**: " + "; ".join(
             f"`{e['prediction']}` in {describe_run(e['run'])}: measured {fmt(e['observed'])}, "

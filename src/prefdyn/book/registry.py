@@ -10,7 +10,8 @@ the papers. A registry holds
   models or data only, whose standing comes from its predictions alone; ``not tested`` — with ``why``),
   the chapter section (a MyST label) and the ids of the predictions that test it on a real model;
 * ``predictions``: claim, statistic, comparison (``passes_if: ">= 0.6"``), the number of measurements
-  ``n`` at each scale, the effect it expects (``effect``, with ``effect_source``: the paper's number or a
+  ``n`` at each scale, its ``setting`` (``real model``, the default, or ``simulation`` for sampled
+  synthetic data), the effect it expects (``effect``, with ``effect_source``: the paper's number or a
   stated minimal effect) and the value of the statistic's parameter when there is no effect
   (``no_effect``). Its power and false-pass rate at a size are
   computed by :func:`prefdyn.stats.pass_probability`.
@@ -31,6 +32,7 @@ from ..stats import COMPARISONS, TESTS, pass_probability
 from .runs import ChapterError, root
 
 SCALES = ("smoke", "ci", "full")
+SETTINGS = ("real model", "simulation")   # what a prediction is about: a real LLM's run, or sampled synthetic data
 STATUSES = ("derived", "reconstructed", "empirical", "not tested")
 ADEQUATE_POWER = 0.8       # below it a prediction is "underpowered" and counts as evidence neither way
 MAX_FALSE_PASS = 0.05      # above it a pass says little: "not selective"
@@ -54,6 +56,7 @@ class Prediction:
     effect: float
     effect_source: str
     no_effect: float
+    setting: str = "real model"
 
     @property
     def comparison(self) -> tuple[str, float]:
@@ -131,11 +134,14 @@ def parse_prediction(pid: str, entry: dict, where: str) -> Prediction:
         raise RegistryError(f"{where}: passes_if {entry['passes_if']!r} must read '<symbol> <number>', "
                             f"symbol one of {', '.join(COMPARISONS)}")
     float(parts[1])
+    setting = entry.get("setting", SETTINGS[0])
+    if setting not in SETTINGS:
+        raise RegistryError(f"{where}: setting {setting!r} is not one of {', '.join(SETTINGS)}")
     if set(entry["n"]) != set(SCALES):
         raise RegistryError(f"{where}: n must give the number of {entry['units']} at each of {', '.join(SCALES)}")
     return Prediction(pid, entry["claim"], entry["statistic"], entry["test"], str(entry["passes_if"]),
                       {s: int(entry["n"][s]) for s in SCALES}, entry["units"], float(entry["effect"]),
-                      entry["effect_source"], float(entry["no_effect"]))
+                      entry["effect_source"], float(entry["no_effect"]), setting)
 
 
 def parse_registry(chapter: str, data: dict, where: str) -> Registry:

@@ -108,7 +108,8 @@ def render_table(checks: list[dict]) -> str:
                 p = c["prediction"]
                 n = f"{p['n']} {p['units']}" + ("" if p["n"] == p["registered_n"] else
                                                 f" (registered {p['registered_n']})")
-                out.append(_row([c["claim"], p["statistic"], c["tolerance"], fmt(c["observed"]), n,
+                claim = c["claim"] + (" *(simulation)*" if p.get("setting") == "simulation" else "")
+                out.append(_row([claim, p["statistic"], c["tolerance"], fmt(c["observed"]), n,
                                  f"{p['power']:.2f}", f"{p['false_pass']:.3f}", f"**{c['status']}**"]))
         else:
             out += ["| claim | expected | measured | tolerance | result |", "|---|---|---|---|---|"]
@@ -261,7 +262,7 @@ class Verification:
         passed = p.passes(observed)
         info = {"id": pid, "statistic": p.statistic, "n": n, "registered_n": p.n.get(self.scale, n),
                 "units": p.units, "power": power, "false_pass": false_pass, "effect": p.effect,
-                "effect_source": p.effect_source, "no_effect": p.no_effect}
+                "effect_source": p.effect_source, "no_effect": p.no_effect, "setting": p.setting}
         check = self._add("prediction", p.claim, f"effect {fmt(p.effect)} ({p.effect_source})", observed,
                           p.passes_if, passed, info, prediction_status(passed, power, false_pass))
         glue_value(f"{pid.replace('-', '_')}_status", check.status)

@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 TERMINAL = (".", "!", "?")
@@ -90,3 +91,16 @@ def golden_score(response: str, answers: Sequence[str], max_words: int = MAX_WOR
     """
     c = golden_components(response, answers, max_words)
     return (c["correct"] + c["complete"] + c["concise"]) / 3
+
+
+def provenance(demonstrations_path, demonstrations: Sequence[Demonstration]) -> str:
+    """One sentence for the page saying which demonstrations a run used and how many: the book's own
+    set (``demonstrations_path`` None; written for this book, not the paper's GPT-4 demonstrations)
+    or the reader's file, with the number of demonstrations and of categories."""
+    families = len({d.category for d in demonstrations})
+    n = len(demonstrations)
+    size = f"{n} demonstration{'' if n == 1 else 's'} in {families} categor{'y' if families == 1 else 'ies'}"
+    if demonstrations_path is None:
+        return (f"the book's own demonstration set ({size}), questions and one-sentence answers written "
+                "for this book; they are not the paper's GPT-4 demonstrations for HH-RLHF prompts")
+    return f"the demonstrations in `{Path(demonstrations_path).name}` ({size}), passed as `demonstrations_path`"

@@ -229,6 +229,15 @@ def run_rounds(policy, task: CandidateTask, loss: str, alpha: float, beta: float
                             alpha=alpha, beta=beta, prefix=task.prefix, **rounds_kw)
 
 
+def prompt_provenance(n_rps: int, n_digits: int) -> str:
+    """Which prompts a run used, as a sentence for the chapter: the first ``n_rps`` and ``n_digits``
+    of the shipped rock–paper–scissors and digit prompts (:func:`prefdyn.datasets.prompts.load_prompts`),
+    written for this book."""
+    shipped = {task: len(load_prompts(task)) for task in ("rps", "digits")}
+    return (f"the first {n_rps} of the {shipped['rps']} rock–paper–scissors prompts and the first {n_digits} "
+            f"of the {shipped['digits']} digit prompts, all written for this book")
+
+
 def uniform_sampler(P: Tensor) -> Tensor:
     """The offline sampler ``mu_0`` of the real-model experiment: uniform over the candidates of ``P``."""
     return torch.full((P.shape[-1],), 1.0 / P.shape[-1], dtype=D)
