@@ -293,11 +293,11 @@ def test_ledger_says_reproduced_only_for_an_adequately_powered_passing_predictio
     rows = {r["chapter"]: r for r in ledger.ledger_rows()}
     assert rows["cha"]["standing"][0].startswith("reconstructed")
     assert rows["cha"]["standing"][1].startswith("**reproduced on a real LLM**: `rho` in `live`")
-    assert not any("reproduced on a real LLM" in s for s in rows["chb"]["standing"])
-    assert any(s.startswith("**not reproduced**: `rho` in `ci-original`") and "measured 0.2" in s
+    assert not any(s.startswith("**reproduced on a real LLM**") for s in rows["chb"]["standing"])
+    assert any(s.startswith("**not reproduced on a real LLM**: `rho` in `ci-original`") and "measured 0.2" in s
                for s in rows["chb"]["standing"])
     assert any("underpowered" in s and "`live`" in s for s in rows["chb"]["standing"])
-    assert any(s.startswith("**not reproduced**") for s in rows["chc"]["standing"])
+    assert any(s.startswith("**not reproduced on a real LLM**") for s in rows["chc"]["standing"])
     text = ledger.ledger_markdown()
     assert text.count("## Paper One") == 1 and "{ref}`sec`" in text
 
@@ -320,7 +320,7 @@ def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_
         claim = row["claim"]
         source = runs.chapter_source(row["chapter"]).read_text()
         assert f"({claim.section})=" in source, f"{row['chapter']}: no label ({claim.section})= for {claim.id}"
-        if any("reproduced on a real LLM" in s for s in row["standing"]):
+        if any(s.startswith("**reproduced on a real LLM**") for s in row["standing"]):
             assert any(e["status"] == "reproduced" and e["power"] >= registry.ADEQUATE_POWER
                        and e["setting"] == "real model" and e["prediction"] in claim.predictions
                        for e in row["evidence"]), claim.id

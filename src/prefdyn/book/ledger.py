@@ -10,7 +10,8 @@ live run of this build (``book/_executed/<id>.checks.json``) and every recorded 
 * ``reproduced on a real LLM`` only where some run holds a *reproduced* prediction of the claim
   about a real model (passed, with power ≥ 0.8 and false-pass rate ≤ 0.05 at that run's size),
   naming the runs; ``reproduced in simulation`` for one about sampled synthetic data;
-* ``not reproduced`` where an adequately powered prediction failed, with its numbers;
+* ``not reproduced`` (on a real LLM, or in simulation) where an adequately powered prediction
+  failed, with its numbers;
 * ``underpowered`` where the only runs were too small to count either way;
 * ``not tested``, with the chapter's reason.
 """
@@ -48,14 +49,16 @@ def describe_run(run: dict) -> str:
             f"{run.get('hardware') or 'unrecorded hardware'})")
 
 
-def evidence(claim, runs: list[dict]) -> list[dict]:
-    """Every result of one of the claim's predictions in one of the runs."""
+def evidence(claim, runs: list[dict], registry) -> list[dict]:
+    """Every result of one of the claim's predictions in one of the runs (its setting, real model or
+    simulation, as the run saved it, else as registered)."""
     out = []
     for run in runs:
         for c in run["checks"]:
             if c.get("prediction") and c["prediction"]["id"] in claim.predictions:
-                out.append({"run": run, "prediction": c["prediction"]["id"], "status": c["status"],
-                            "setting": c["prediction"].get("setting", "real model"),
+                pid = c["prediction"]["id"]
+                out.append({"run": run, "prediction": pid, "status": c["status"],
+                            "setting": c["prediction"].get("setting") or registry.prediction(pid).setting,
                             "observed": c["observed"], "passes_if": c["tolerance"],
                             "power": c["prediction"]["power"], "n": c["prediction"]["n"]})
     return out
@@ -72,10 +75,12 @@ def standing(claim, found: list[dict]) -> list[str]:
         if found_here:
             out.append(f"**{phrase}**: " + "; ".join(
                 f"`{e['prediction']}` in {describe_run(e['run'])}" for e in found_here))
-    if NOT_REPRODUCED in by_status:
-        out.append("**not reproduced**: " + "; ".join(
-            f"`{e['prediction']}` in {describe_run(e['run'])}: measured {fmt(e['observed'])}, "
-            f"passes if {e['passes_if']}, power {e['power']:.2f}" for e in by_status[NOT_REPRODUCED]))
+    for setting, phrase in (("real model", "not reproduced on a real LLM"), ("simulation", "not reproduced in simulation")):
+        found_here = [e for e in by_status.get(NOT_REPRODUCED, []) if e["setting"] == setting]
+        if found_here:
+            out.append(f"**{phrase}**: " + "; ".join(
+                f"`{e['prediction']}` in {describe_run(e['run'])}: measured {fmt(e['observed'])}, "
+                f"passes if {e['passes_if']}, power {e['power']:.2f}" for e in found_here))
     weak = [e for k, v in by_status.items() if k not in (REPRODUCED, NOT_REPRODUCED) for e in v]
     if weak:
         out.append("underpowered or not selective (no evidence either way): " + "; ".join(
@@ -90,15 +95,33 @@ def standing(claim, found: list[dict]) -> list[str]:
     return out
 
 
+def short_standing(claim, found: list[dict]) -> str:
+    """The standing in a few words for the summary table: the declared status and, per outcome,
+    the labels of the runs (the details follow the table)."""
+    parts = [claim.status] if claim.status != "empirical" else []
+    for status, setting, phrase in ((REPRODUCED, "real model", "**reproduced on a real LLM**"),
+                                    (REPRODUCED, "simulation", "**reproduced in simulation**"),
+                                    (NOT_REPRODUCED, "real model", "**not reproduced on a real LLM**"),
+                                    (NOT_REPRODUCED, "simulation", "**not reproduced in simulation**")):
+        labels = sorted({e["run"]["label"] for e in found if e["status"] == status and e["setting"] == setting})
+        if labels:
+            parts.append(f"{phrase} ({', '.join(labels)})")
+    if any(e["status"].split(" (")[0] not in (REPRODUCED, NOT_REPRODUCED) for e in found):
+        parts.append("underpowered runs")
+    if claim.predictions and not found:
+        parts.append("predictions not run")
+    return "; ".join(parts) or "not tested"
+
+
 def ledger_rows(chapters: list[str] | None = None) -> list[dict]:
     """One row per declared claim: paper, chapter, where, what, standing and evidence."""
     rows = []
     for chapter in chapters or chapter_ids():
         registry, runs = load_registry(chapter), chapter_runs(chapter)
         for claim in registry.claims:
-            found = evidence(claim, runs)
+            found = evidence(claim, runs, registry)
             rows.append({"paper": claim.paper, "chapter": chapter, "claim": claim, "evidence": found,
-                         "standing": standing(claim, found)})
+                         "standing": standing(claim, found), "short": short_standing(claim, found)})
     return rows
 
 
@@ -120,13 +143,16 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
         out += [f"## {paper['title']}", "",
                 f"{paper['authors']}, {paper['venue']} (arXiv {paper['arxiv']}). What of it can be read here: "
                 f"{paper['readable']}.", "",
-                "| claim | where in the paper | what it claims | this book | chapter |", "|---|---|---|---|---|"]
+                "| claim | what it claims | this book | section |", "|---|---|---|---|"]
         for r in mine:
             c = r["claim"]
-            link = f"{{ref}}`{c.section}`"
             out.append("| " + " | ".join(table_cell(x) for x in (
-                f"`{c.id}`", c.where, c.claim + (f" ({c.note})" if c.note else ""),
-                "<br>".join(r["standing"]), link)) + " |")
+                f"`{c.id}`", c.claim, r["short"], f"{{ref}}`{c.section}`")) + " |")
+        out += ["", "Each claim in detail:", ""]
+        for r in mine:
+            c = r["claim"]
+            out.append(f"`{c.id}`\n: *Where:* {c.where}. *Claim:* {c.claim}." + (f" *Note:* {c.note}." if c.note else "")
+                       + "\n\n  " + "\n  ".join(f"- {s}" for s in r["standing"]) + "\n")
         out.append("")
     changed = [(ch, pid, v) for ch in chapters for pid, v in registration_history(ch).items()]
     out += ["## Registrations changed after they were made", ""]
