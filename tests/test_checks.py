@@ -324,3 +324,27 @@ def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_
             assert any(e["status"] == "reproduced" and e["power"] >= registry.ADEQUATE_POWER
                        and e["setting"] == "real model" and e["prediction"] in claim.predictions
                        for e in row["evidence"]), claim.id
+
+
+def test_markdown_tables_escape_bars_and_refuse_ragged_rows():
+    from prefdyn.book.glue import markdown_table
+
+    assert markdown_table(["a", "b"], [["|cos(c_i, c_j)|", 1]]) == "| a | b |\n|---|---|\n| \\|cos(c_i, c_j)\\| | 1 |"
+    with pytest.raises(ValueError, match="2 cells, the header 3"):
+        markdown_table(["a", "b", "c"], [[1, 2]])
+
+
+def test_panels_fit_the_column_at_natural_size_two_per_row():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from prefdyn.book import figures
+
+    figures.use_book_style()
+    for n, rows in ((1, 1), (2, 1), (3, 2), (6, 3)):
+        fig, axes = figures.panels(n)
+        width_px = fig.get_figwidth() * fig.dpi
+        assert len(axes) == n == len(fig.axes) and width_px <= 780
+        assert max(len({round(a.get_position().y0, 3) for a in axes}), 1) == rows
+    with pytest.raises(ValueError):
+        figures.panels(0)

@@ -21,7 +21,7 @@ ALLOWED = {
     "prefdyn.book": ("prefdyn.store", "prefdyn.stats", "prefdyn.book"),
     "prefdyn.experiments": ("prefdyn.objectives", "prefdyn.tabular", "prefdyn.stats", "prefdyn.store",
                             "prefdyn.theory", "prefdyn.llm", "prefdyn.datasets", "prefdyn.params",
-                            "prefdyn.book.verify", "prefdyn.book.glue", "prefdyn.experiments"),
+                            "prefdyn.book.verify", "prefdyn.book.glue", "prefdyn.book.figures", "prefdyn.experiments"),
 }
 FORBIDDEN_THIRD_PARTY = {"prefdyn.theory": ("transformers", "accelerate", "papermill", "myst_nb")}
 

@@ -54,3 +54,26 @@ def test_setup_seeds_python_numpy_and_torch():
 def test_positive_rejects(value):
     with pytest.raises(ParameterError, match="must be a positive"):
         positive("beta", value, float)
+
+
+def test_a_run_prints_as_one_line_with_its_sizes():
+    import torch
+
+    from prefdyn.params import Run
+
+    run = Run("ci", torch.device("cpu"), 3, {"steps": 30, "lr": 3e-5})
+    assert str(run) == "scale ci on cpu, seed 3; sizes: steps=30, lr=3e-05"
+    assert "\n" not in str(run) and repr(run).startswith("Run(")
+
+
+def test_start_makes_numpy_print_plain_numbers():
+    import numpy as np
+
+    from prefdyn.experiments import start
+
+    before = np.get_printoptions()
+    try:
+        start("smoke", "cpu", 0, {s: {} for s in ("smoke", "ci", "full")})
+        assert repr(np.float64(0.5)) == "0.5" and str([np.float64(0.25)]) == "[0.25]"
+    finally:
+        np.set_printoptions(**before)

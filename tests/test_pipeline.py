@@ -119,3 +119,26 @@ def test_chapter_cells_show_the_mathematics_and_call_the_library(chapter):
         assert len(lines) <= 30, f"a cell of {len(lines)} lines starts with {lines[0]!r}"
         assert "set_num_threads" not in source and "checks_path" not in source
         assert chapter not in source
+
+
+def test_executed_notebooks_keep_no_progress_bars_and_no_absolute_paths(tmp_path, monkeypatch):
+    import sys
+
+    import nbformat
+
+    monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
+    out = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [
+        out("stream", name="stderr", text="\rdpo training:  11%|█         | 1/9 [00:13<01:47, 13.45s/it]"),
+        out("stream", name="stderr", text="\n"),
+        out("stream", name="stderr", text=f"{sys.prefix}/lib/tqdm/auto.py:21: TqdmWarning: IProgress not found."),
+        out("stream", name="stderr", text="UserWarning: a real warning\n"),
+        out("stream", name="stdout", text=f"wrote {tmp_path}/book/_executed/x.json\n"),
+        out("display_data", data={"text/plain": f"'{tmp_path}/chapters'", "image/png": "AAAA"}),
+    ]
+    nb = nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell(f"{tmp_path} stays in prose")])
+    execute.clean_outputs(nb)
+    texts = [o.get("text") or o["data"]["text/plain"] for o in nb.cells[0].outputs]
+    assert texts == ["UserWarning: a real warning\n", "wrote book/_executed/x.json\n", "'chapters'"]
+    assert nb.cells[0].outputs[-1]["data"]["image/png"] == "AAAA"

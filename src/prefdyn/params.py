@@ -30,6 +30,11 @@ class Run:
     seed: int
     sizes: dict[str, Any]
 
+    def __str__(self) -> str:
+        """The one line a chapter prints about its run (the sizes in full; the dataclass repr stays for repr)."""
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"scale {self.scale} on {self.device}, seed {self.seed}; sizes: {sizes}"
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for an absent accelerator is an error."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -186,6 +187,7 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
             "python": sys.version.split()[0], "packages": {n: _version(n) for n in PINNED_PACKAGES},
             "git": git_revision(), "hardware": hardware(parameters.get("device", "auto"))}
     nb = nbformat.read(partial_nb, as_version=4)
+    clean_outputs(nb)
     nb.metadata["prefdyn"] = meta
     for cell in nb.cells:  # papermill's injected cell names temporary paths; the text states scale and device
         if "injected-parameters" in cell.metadata.get("tags", []):
@@ -197,6 +199,36 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     atomic_write_json(p["meta"], meta)
     atomic_write(p["key"], key + "\n")
     return RunResult(chapter, "executed", seconds, checks)
+
+
+PROGRESS = re.compile(r"^\s*$|\r|TqdmWarning|\d+%\|")   # tqdm's bars (and its widget warning) on stderr
+
+
+def clean_outputs(nb) -> None:
+    """What a reader of the executed notebook should not see: progress bars (shown while the chapter
+    runs, dropped from the saved notebook) and the absolute paths of the machine that built it
+    (the book's folder becomes ``.``, the Python installation ``<python>``, the home folder ``~``)."""
+    local = [(str(root()) + os.sep, ""), (str(root()), "."), (sys.prefix, "<python>"), (str(Path.home()), "~")]
+
+    def relative(text: str) -> str:
+        for path, short in local:
+            text = text.replace(path, short)
+        return text
+
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                if out.get("name") == "stderr" and PROGRESS.search(out["text"]):
+                    continue
+                out["text"] = relative(out["text"])
+            for mime, value in out.get("data", {}).items():
+                if isinstance(value, str) and (mime.startswith("text/") or mime.endswith(("text/plain", "text/markdown"))):
+                    out["data"][mime] = relative(value)
+            kept.append(out)
+        cell["outputs"] = kept
 
 
 def _version(name: str) -> str | None:

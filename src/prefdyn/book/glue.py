@@ -2,7 +2,23 @@
 ``glue``: the book's text cites a run's outcome instead of typing it."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+
+def table_cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell (``|`` escaped, one line)."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table, every cell escaped: the one way the book writes tables (glue it, never print it)."""
+    lines = ["| " + " | ".join(table_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a row has {len(row)} cells, the header {len(header)}")
+        lines.append("| " + " | ".join(table_cell(c) for c in row) + " |")
+    return "\n".join(lines)
 
 
 def glue_markdown(name: str, text: str) -> None:
@@ -27,3 +43,8 @@ def glue_value(name: str, value: Any) -> None:
     from myst_nb import glue
 
     glue(name, value, display=False)
+
+
+def glue_table(name: str, header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> None:
+    """Make a table available as ``{glue:md}`name``` (with ``:format: myst``), never printed."""
+    glue_markdown(name, markdown_table(header, rows))

@@ -22,7 +22,8 @@ from pathlib import Path
 from ..store import atomic_write
 from .registry import load_papers, load_registry, registration_history
 from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs
-from .verify import NOT_REPRODUCED, REPRODUCED, fmt, table_cell
+from .glue import table_cell
+from .verify import NOT_REPRODUCED, REPRODUCED, fmt
 
 PAGE = "ledger.md"
 DECLARED = {"derived": "derived, checked exactly", "reconstructed": "reconstructed (the book's own statement)",

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..store import atomic_write_json
-from .glue import glue_markdown, glue_value
+from .glue import glue_markdown, glue_value, table_cell
 from .registry import ADEQUATE_POWER, MAX_FALSE_PASS, Registry, load_registry
 from .runs import chapter_ids, current_chapter, current_checks_path, is_failure, load_checks, load_recorded_runs
 
@@ -82,11 +82,6 @@ def prediction_status(passed: bool, power: float, false_pass: float) -> str:
     if false_pass > MAX_FALSE_PASS:
         return f"not selective ({outcome})"
     return REPRODUCED if passed else NOT_REPRODUCED
-
-
-def table_cell(s: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(s).replace("|", "\\|").replace("\n", " ")
 
 
 def _row(cells) -> str:
