@@ -348,3 +348,12 @@ def test_panels_fit_the_column_at_natural_size_two_per_row():
         assert max(len({round(a.get_position().y0, 3) for a in axes}), 1) == rows
     with pytest.raises(ValueError):
         figures.panels(0)
+
+
+def test_the_readme_headline_is_the_ledgers_and_says_what_is_not_reproduced():
+    """README.md's first screen is written from the registries and the recorded runs; rerun
+    `prefdyn readme` after recording a run or changing a registry."""
+    text = (runs.root() / "README.md").read_text()
+    block = text.split(ledger.README_START)[1].split(ledger.README_END)[0].strip()
+    assert block == ledger.recorded_headline(), "README.md is out of step with the ledger: run `prefdyn readme`"
+    assert "not reproduced on a real LLM" in block and text.index(ledger.README_START) < 2500

@@ -5,6 +5,7 @@
     prefdyn all --scale ci [--device cpu] [--force]   every chapter, then a summary
     prefdyn book                                   HTML from the executed notebooks
     prefdyn checks                                 the last checks of every chapter
+    prefdyn readme                                 rewrite the README's headline from the ledger
     prefdyn record <id> --label L [--from DIR]     keep a finished run as book/recorded/<id>/<L>.json
                                                    (this checkout's last run, or one brought from DIR)
     prefdyn train --model <spec> --steps N ...     DPO/IPO on persona data, outside the book; runs
@@ -17,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .book import build, execute, runs, verify
+from .book import build, execute, ledger, runs, verify
 from .params import SCALES
 
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--force", action="store_true", help="execute even if the cache says nothing changed")
     sub.add_parser("book", help="build the HTML book from the executed chapters")
     sub.add_parser("checks", help="print the last verification results of every chapter")
+    sub.add_parser("readme", help="rewrite README.md's headline (what is and is not reproduced) from the ledger")
     p = sub.add_parser("record", help="keep a finished run (its <id>.checks.json and <id>.run.json) by label")
     p.add_argument("chapter")
     p.add_argument("--label", required=True, help="e.g. ci-original-data (letters, digits, - _ .)")
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _train(args)
+    if args.command == "readme":
+        changed = ledger.update_readme(runs.root() / "README.md")
+        print(f"[prefdyn] README.md {'updated' if changed else 'already up to date'}")
+        return 0
     if args.command == "checks":
         print(verify.summary())
         return 0 if all(runs.load_checks(c)["checks"] and not any(map(verify.is_failure, runs.load_checks(c)["checks"]))

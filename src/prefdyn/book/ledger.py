@@ -30,10 +30,10 @@ DECLARED = {"derived": "derived, checked exactly", "reconstructed": "reconstruct
             "empirical": "", "not tested": "not tested"}
 
 
-def chapter_runs(chapter: str) -> list[dict]:
-    """The live run of this build (if executed) and every recorded run, each with a label and facts."""
+def chapter_runs(chapter: str, live: bool = True) -> list[dict]:
+    """The live run of this build (if executed and ``live``) and every recorded run, each with a label."""
     runs = []
-    meta = load_meta(chapter)
+    meta = load_meta(chapter) if live else None
     if meta is not None:
         params = meta.get("parameters", {})
         runs.append({**load_checks(chapter), "label": "live", "parameters": params,
@@ -114,11 +114,12 @@ def short_standing(claim, found: list[dict]) -> str:
     return "; ".join(parts) or "not tested"
 
 
-def ledger_rows(chapters: list[str] | None = None) -> list[dict]:
-    """One row per declared claim: paper, chapter, where, what, standing and evidence."""
+def ledger_rows(chapters: list[str] | None = None, live: bool = True) -> list[dict]:
+    """One row per declared claim: paper, chapter, where, what, standing and evidence (from the live
+    run of this build too, unless ``live`` is false: then from the recorded runs alone)."""
     rows = []
     for chapter in chapters or chapter_ids():
-        registry, runs = load_registry(chapter), chapter_runs(chapter)
+        registry, runs = load_registry(chapter), chapter_runs(chapter, live)
         for claim in registry.claims:
             found = evidence(claim, runs, registry)
             rows.append({"paper": claim.paper, "chapter": chapter, "claim": claim, "evidence": found,
@@ -164,6 +165,46 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
             f"  - {v['commit']} ({v['date']}): passes if `{v['registration']['passes_if']}`, n "
             f"{v['registration']['n']}, effect {v['registration']['effect']}" for v in versions]
     return "\n".join(out) + "\n"
+
+
+README_START, README_END = "<!-- ledger-headline: start -->", "<!-- ledger-headline: end -->"
+
+
+def recorded_headline(chapters: list[str] | None = None) -> str:
+    """What the book has and has not reproduced, from the registries and the runs recorded with it
+    (never a live run, so the text is the same on every machine): the README's first screen."""
+    rows = ledger_rows(chapters, live=False)
+    declared = {k: sum(r["claim"].status == k for r in rows) for k in ("derived", "reconstructed", "empirical", "not tested")}
+
+    def names(status: str) -> list[str]:
+        return sorted({f"`{r['claim'].id}` ({', '.join(sorted({e['run']['label'] for e in r['evidence'] if e['status'] == status and e['setting'] == 'real model'}))})"
+                       for r in rows if any(e["status"] == status and e["setting"] == "real model" for e in r["evidence"])})
+
+    failed = [f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if {e['passes_if']})"
+              for r in rows for e in r["evidence"] if e["status"] == NOT_REPRODUCED and e["setting"] == "real model"]
+    untested = sum(1 for r in rows if r["claim"].predictions and not any(
+        e["status"] in (REPRODUCED, NOT_REPRODUCED) for e in r["evidence"]))
+    out = [f"The chapters list {len(rows)} claims of the papers: {declared['derived']} derived and checked exactly, "
+           f"{declared['reconstructed']} reconstructed (the paper's statement could not be read; the book states "
+           f"its own), {declared['empirical']} empirical (about models and data only), {declared['not tested']} not "
+           "tested (each with its reason). In the runs recorded with the book:",
+           "", "- **reproduced on a real LLM**: " + ("; ".join(names(REPRODUCED)) or "none"),
+           "- **not reproduced on a real LLM**: " + ("; ".join(failed) or "none"),
+           f"- {untested} claims with registered predictions have no adequately powered recorded run yet."]
+    return "\n".join(out)
+
+
+def update_readme(path: Path) -> bool:
+    """Rewrite the README's headline block from :func:`recorded_headline`; ``True`` if it changed."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} … {README_END} block")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{recorded_headline()}\n{README_END}{tail}"
+    if new != text:
+        atomic_write(path, new)
+    return new != text
 
 
 def write_ledger_page() -> Path:
