@@ -17,6 +17,14 @@ from prefdyn.book.verify import summary_line
 pytestmark = pytest.mark.slow
 
 
+def png_width(path) -> int:
+    """The natural width of a PNG, from its header."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big")
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_executes_at_smoke_scale_and_its_identities_and_bounds_hold(book, chapter):
     top, results, _ = book
@@ -60,6 +68,14 @@ def test_built_page_has_figures_table_and_no_errors(book, chapter):
         rows = table.select("tbody tr")
         assert rows and all(r.select("td")[-1].get_text(strip=True) == "pass" for r in rows)
     assert "identit" in soup.select_one("main").get_text()   # the summary line counts checks by kind
+    assert any(t.select_one("th") and t.select_one("th").get_text(strip=True) == "row"
+               and "this run" in t.get_text() for t in soup.select("table")), "no table of this run beside the recorded ones"
+    outputs = " ".join(o.get_text(" ") for o in soup.select(".cell_output"))
+    for stray in ("|---|", "np.float64(", "Run(scale=", "it/s]", str(top)):
+        assert stray not in outputs, f"stray output {stray!r}"
+    assert not re.search("[\u2705\u274c\U0001F300-\U0001FAFF]", soup.get_text()), "an emoji (an empty box without an emoji font)"
+    for src in images:   # shown at its natural size in the ~780 px column, so its labels stay legible
+        assert png_width(page.parent / src) <= 800, f"{src} is {png_width(page.parent / src)} px wide: use book.figures.panels"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
