@@ -142,3 +142,18 @@ def test_executed_notebooks_keep_no_progress_bars_and_no_absolute_paths(tmp_path
     texts = [o.get("text") or o["data"]["text/plain"] for o in nb.cells[0].outputs]
     assert texts == ["UserWarning: a real warning\n", "wrote book/_executed/x.json\n", "'chapters'"]
     assert nb.cells[0].outputs[-1]["data"]["image/png"] == "AAAA"
+
+
+def test_a_readers_runs_go_to_a_book_folder_of_their_own(tmp_path):
+    """`prefdyn run --out DIR` copies the book once (chapters, registries, pages, recorded runs) and
+    leaves this book's results alone; `prefdyn book --from` refuses a folder that is not a book."""
+    from prefdyn.book import runs
+
+    mine = runs.stage_book(tmp_path / "mine")
+    assert (mine / "chapters" / "claims" / "papers.yml").is_file() and (mine / "_config.yml").is_file()
+    assert sorted(p.stem for p in (mine / "chapters").glob("*.md")) == runs.chapter_ids()
+    assert (mine / "book" / "_toc.yml").is_file() and not (mine / "book" / "_executed").exists()
+    (mine / "chapters" / "note.txt").write_text("kept")
+    assert runs.stage_book(mine) == mine and (mine / "chapters" / "note.txt").read_text() == "kept"
+    bad = prefdyn("book", "--from", str(tmp_path / "nothing"))
+    assert bad.returncode == 2 and "not a book folder" in bad.stderr

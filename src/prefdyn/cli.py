@@ -1,9 +1,9 @@
 """``prefdyn``: list, run and check the book's chapters, and build the book.
 
     prefdyn list                                   one chapter id per line
-    prefdyn run <id> --scale ci [--device cpu] [-p NAME VALUE ...] [--force]
+    prefdyn run <id> --scale ci [--device cpu] [-p NAME VALUE ...] [--force] [--out DIR]
     prefdyn all --scale ci [--device cpu] [--force]   every chapter, then a summary
-    prefdyn book                                   HTML from the executed notebooks
+    prefdyn book [--from DIR]                      HTML from the executed notebooks (of DIR)
     prefdyn checks                                 the last checks of every chapter
     prefdyn readme                                 rewrite the README's headline from the ledger
     prefdyn record <id> --label L [--from DIR]     keep a finished run as book/recorded/<id>/<L>.json
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -87,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                        help="a papermill parameter; VALUE is parsed as JSON when it can be")
         p.add_argument("--force", action="store_true", help="execute even if the cache says nothing changed")
-    sub.add_parser("book", help="build the HTML book from the executed chapters")
+        p.add_argument("--out", type=Path, default=None,
+                       help="a folder of your own: the book is copied there once and your runs go there, "
+                            "not into this book (then: prefdyn book --from DIR)")
+    p = sub.add_parser("book", help="build the HTML book from the executed chapters")
+    p.add_argument("--from", dest="folder", type=Path, default=None,
+                   help="build the book in a folder made by `prefdyn run --out DIR` from the runs there")
     sub.add_parser("checks", help="print the last verification results of every chapter")
     sub.add_parser("readme", help="rewrite README.md's headline (what is and is not reproduced) from the ledger")
     p = sub.add_parser("record", help="keep a finished run (its <id>.checks.json and <id>.run.json) by label")
@@ -125,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print("\n".join(runs.chapter_ids()))
         return 0
+    if args.command in ("run", "all") and args.out is not None:
+        os.environ["PREFDYN_ROOT"] = str(runs.stage_book(args.out))
+        print(f"[prefdyn] writing into the book folder {os.environ['PREFDYN_ROOT']}")
+    if args.command == "book" and args.folder is not None:
+        if not (args.folder / "chapters").is_dir():
+            print(f"[prefdyn] error: {args.folder} is not a book folder; make one with prefdyn run <id> --out {args.folder}",
+                  file=sys.stderr)
+            return 2
+        os.environ["PREFDYN_ROOT"] = str(args.folder.expanduser().resolve())
     if args.command == "run":
         return _run([args.chapter], args)
     if args.command == "all":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ..store import atomic_write_json
@@ -37,6 +38,30 @@ def root() -> Path:
     if (Path.cwd() / "chapters").is_dir():
         return Path.cwd()
     return LIBRARY.parents[1]
+
+
+BOOK_SKELETON = ("_config.yml", "chapters", "book")   # what a book folder holds besides its results
+NOT_COPIED = shutil.ignore_patterns("_build", "_executed", "_static", "*.ipynb", ".*")
+
+
+def stage_book(target: Path) -> Path:
+    """Make ``target`` a book folder of its own — the chapters, their registries, the book's pages and
+    recorded runs, copied from this book once — so that ``prefdyn run --out target`` writes a
+    reader's runs there (not into this book's ``book/_executed``) and ``prefdyn book --from target``
+    builds a book from them beside the shipped one. An existing book folder is used as it is."""
+    target = Path(target).expanduser().resolve()
+    if (target / "chapters").is_dir():
+        return target
+    if target == root():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for name in BOOK_SKELETON:
+        source = root() / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=NOT_COPIED)
+        else:
+            shutil.copy2(source, target / name)
+    return target
 
 
 def executed_dir() -> Path:
