@@ -180,8 +180,11 @@ def recorded_headline(chapters: list[str] | None = None) -> str:
         return sorted({f"`{r['claim'].id}` ({', '.join(sorted({e['run']['label'] for e in r['evidence'] if e['status'] == status and e['setting'] == 'real model'}))})"
                        for r in rows if any(e["status"] == status and e["setting"] == "real model" for e in r["evidence"])})
 
-    failed = [f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if {e['passes_if']})"
-              for r in rows for e in r["evidence"] if e["status"] == NOT_REPRODUCED and e["setting"] == "real model"]
+    def failed(setting: str) -> str:
+        return "; ".join(f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
+                         f"{e['passes_if']})" for r in rows for e in r["evidence"]
+                         if e["status"] == NOT_REPRODUCED and e["setting"] == setting) or "none"
+
     untested = sum(1 for r in rows if r["claim"].predictions and not any(
         e["status"] in (REPRODUCED, NOT_REPRODUCED) for e in r["evidence"]))
     out = [f"The chapters list {len(rows)} claims of the papers: {declared['derived']} derived and checked exactly, "
@@ -189,7 +192,8 @@ def recorded_headline(chapters: list[str] | None = None) -> str:
            f"its own), {declared['empirical']} empirical (about models and data only), {declared['not tested']} not "
            "tested (each with its reason). In the runs recorded with the book:",
            "", "- **reproduced on a real LLM**: " + ("; ".join(names(REPRODUCED)) or "none"),
-           "- **not reproduced on a real LLM**: " + ("; ".join(failed) or "none"),
+           "- **not reproduced on a real LLM**: " + failed("real model"),
+           "- **not reproduced in simulation**: " + failed("simulation"),
            f"- {untested} claims with registered predictions have no adequately powered recorded run yet."]
     return "\n".join(out)
 
