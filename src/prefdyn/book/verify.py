@@ -97,15 +97,15 @@ def render_table(checks: list[dict]) -> str:
             continue
         out += [f"**{KIND_TITLES[kind]}**", ""]
         if kind == "prediction":
-            out += ["| prediction | statistic | passes if | measured | n | power | false-pass | result |",
-                    "|---|---|---|---|---|---|---|---|"]
+            out += ["| prediction | statistic | measured (passes if) | n | power, false-pass | result |",
+                    "|---|---|---|---|---|---|"]
             for c in group:
                 p = c["prediction"]
                 n = f"{p['n']} {p['units']}" + ("" if p["n"] == p["registered_n"] else
                                                 f" (registered {p['registered_n']})")
                 claim = c["claim"] + (" *(simulation)*" if p.get("setting") == "simulation" else "")
-                out.append(_row([claim, p["statistic"], c["tolerance"], fmt(c["observed"]), n,
-                                 f"{p['power']:.2f}", f"{p['false_pass']:.3f}", f"**{c['status']}**"]))
+                out.append(_row([claim, p["statistic"], f"{fmt(c['observed'])} ({c['tolerance']})", n,
+                                 f"{p['power']:.2f}, {p['false_pass']:.3f}", f"**{c['status']}**"]))
         else:
             out += ["| claim | expected | measured | tolerance | result |", "|---|---|---|---|---|"]
             out += [_row([c["claim"], fmt(c["predicted"]), fmt(c["observed"]), c["tolerance"], c["status"]])
