@@ -181,9 +181,10 @@ def recorded_headline(chapters: list[str] | None = None) -> str:
                        for r in rows if any(e["status"] == status and e["setting"] == "real model" for e in r["evidence"])})
 
     def failed(setting: str) -> str:
-        return "; ".join(f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
-                         f"{e['passes_if']})" for r in rows for e in r["evidence"]
-                         if e["status"] == NOT_REPRODUCED and e["setting"] == setting) or "none"
+        results = {f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
+                   f"{e['passes_if']})": None for r in rows for e in r["evidence"]
+                   if e["status"] == NOT_REPRODUCED and e["setting"] == setting}   # a prediction may test two claims
+        return "; ".join(results) or "none"
 
     untested = sum(1 for r in rows if r["claim"].predictions and not any(
         e["status"] in (REPRODUCED, NOT_REPRODUCED) for e in r["evidence"]))
