@@ -113,7 +113,7 @@ def test_ledger_page_lists_every_declared_claim_by_paper_and_links_its_chapter(b
     soup = BeautifulSoup(page.read_text(), "html.parser")
     titles = [h.get_text(" ", strip=True) for h in soup.select("main h2")]
     papers = [p["title"] for p in load_papers().values()]
-    assert [t for t in titles if t.rstrip("#") in papers], titles
+    assert [t.rstrip("#").strip() for t in titles if t.rstrip("#").strip() in papers] == papers, titles
     rows = soup.select("main table tbody tr")
     declared = [c for chapter in CHAPTERS for c in load_registry(chapter).claims]
     assert len(rows) == len(declared)

@@ -2,6 +2,7 @@
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,6 @@ PREDICTION = {"claim": "x correlates with y", "statistic": "Spearman(x, y)", "te
 def book(tmp_path, monkeypatch, chapters=("cha",), predictions=None, claims=None):
     """A book folder with chapters, papers.yml and one registry per chapter."""
     monkeypatch.setenv("PREFDYN_ROOT", str(tmp_path))
-    registry.load_papers.cache_clear()
     (tmp_path / "chapters" / "claims").mkdir(parents=True)
     (tmp_path / "chapters" / "claims" / "papers.yml").write_text(yaml.safe_dump(PAPERS))
     for chapter in chapters:
@@ -313,9 +313,13 @@ def test_a_prediction_on_synthetic_data_is_reproduced_in_simulation_not_on_a_rea
         registry.load_registry("cha")
 
 
-def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_prediction():
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_reproduced_row_of_the_books_ledger_points_to_an_adequate_passing_prediction(monkeypatch):
     """On the book itself: its registries parse, each claim's section exists, and each
     "reproduced" row rests on a passing prediction with power >= 0.8 in some run."""
+    monkeypatch.setenv("PREFDYN_ROOT", str(REPO))
     for row in ledger.ledger_rows():
         claim = row["claim"]
         source = runs.chapter_source(row["chapter"]).read_text()
@@ -350,10 +354,11 @@ def test_panels_fit_the_column_at_natural_size_two_per_row():
         figures.panels(0)
 
 
-def test_the_readme_headline_is_the_ledgers_and_says_what_is_not_reproduced():
+def test_the_readme_headline_is_the_ledgers_and_says_what_is_not_reproduced(monkeypatch):
     """README.md's first screen is written from the registries and the recorded runs; rerun
     `prefdyn readme` after recording a run or changing a registry."""
-    text = (runs.root() / "README.md").read_text()
+    monkeypatch.setenv("PREFDYN_ROOT", str(REPO))
+    text = (REPO / "README.md").read_text()
     block = text.split(ledger.README_START)[1].split(ledger.README_END)[0].strip()
     assert block == ledger.recorded_headline(), "README.md is out of step with the ledger: run `prefdyn readme`"
     assert "not reproduced on a real LLM" in block and text.index(ledger.README_START) < 2500

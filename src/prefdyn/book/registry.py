@@ -166,13 +166,17 @@ def parse_registry(chapter: str, data: dict, where: str) -> Registry:
     return Registry(chapter, tuple(claims), predictions)
 
 
-@lru_cache(maxsize=None)
 def load_papers() -> dict:
-    """``papers.yml``: key -> {title, authors, arxiv}."""
+    """``papers.yml`` of this book: key -> {title, authors, venue, arxiv, readable}."""
     path = claims_dir() / "papers.yml"
     if not path.is_file():
         raise RegistryError(f"{path} is missing: it names the papers the chapters' claims come from")
-    return yaml.safe_load(path.read_text())
+    return _read_papers(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _read_papers(path: str, mtime_ns: int) -> dict:
+    return yaml.safe_load(Path(path).read_text())
 
 
 def load_registry(chapter: str) -> Registry:
