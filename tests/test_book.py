@@ -115,7 +115,8 @@ def test_ledger_page_lists_every_declared_claim_by_paper_and_links_its_chapter(b
     papers = [p["title"] for p in load_papers().values()]
     assert [t.rstrip("#").strip() for t in titles if t.rstrip("#").strip() in papers] == papers, titles
     rows = soup.select("main table tbody tr")
-    declared = [c for chapter in CHAPTERS for c in load_registry(chapter).claims]
+    declared = [c for paper in load_papers() for chapter in CHAPTERS for c in load_registry(chapter).claims
+                if c.paper == paper]   # grouped by paper, in the order of papers.yml
     assert len(rows) == len(declared)
     for row, claim in zip(rows, declared):
         cells = row.select("td")
