@@ -214,6 +214,12 @@ def test_smoothness_bounds_the_hessian_and_gives_monotone_descent():
     assert L == pytest.approx(beta**2 * torch.linalg.eigvalsh(x.T @ x / len(x))[-1].item())
     good = dyn.last_layer_dpo(feats, s, beta=beta, lr=1.9 / L, steps=40)
     assert np.all(np.diff(good.loss[:, 0]) <= 1e-12)
+    # a step lr on W is a step lr/2 on v (dpo_step against autograd), so the limit is 4/L, not 2/L
+    v.requires_grad_(True)
+    grad, = torch.autograd.grad(dyn.dpo_losses(v, feats, s, beta).mean(), v)
+    assert torch.allclose(dyn.dpo_step(v.detach(), feats, s, beta, 0.3), v.detach() - 0.15 * grad, atol=1e-12)
+    near_limit = dyn.last_layer_dpo(feats, s, beta=beta, lr=3.9 / L, steps=40)
+    assert np.all(np.diff(near_limit.loss[:, 0]) <= 1e-12)
     bad = dyn.last_layer_dpo(feats, s, beta=beta, lr=6.0 / L, steps=40)
     assert np.any(np.diff(bad.loss[:, 0]) > 0)
     after = dyn.losses_after(feats, s, [0] * len(s), beta=beta, lr=1.9 / L, steps=40)

@@ -173,9 +173,11 @@ def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, g
 def smoothness(features: Tensor, beta: float, groups=None) -> float:
     """``L = beta^2 lambda_max(E[g g^T])`` (the largest over ``groups`` when given): the mean DPO loss is
     ``L``-smooth in ``v``, because its Hessian ``4 beta^2 E[sigma(h) sigma(-h) g g^T]`` is at most
-    ``beta^2 E[g g^T]`` (``sigma(h) sigma(-h) <= 1/4``). By the descent lemma, full-batch gradient descent
-    with ``lr < 2/L`` never increases the loss. A large mean shared by all features makes ``L`` large
-    (``L >= beta^2 ||E g||^2``), which is why a big step oscillates on real embeddings."""
+    ``beta^2 E[g g^T]`` (``sigma(h) sigma(-h) <= 1/4``). A step ``lr`` on ``W`` moves ``v`` by ``lr/2`` times
+    ``-grad_v`` (:func:`dpo_step`: ``grad_v ell = -2 beta sigma(-h) s g``), so by the descent lemma
+    full-batch gradient descent with ``lr < 4/L`` never increases the loss. A large mean shared by all
+    features makes ``L`` large (``L >= beta^2 ||E g||^2``), which is why a big step oscillates on real
+    embeddings."""
     labels = list(groups) if groups is not None else [0] * len(features)
     out = 0.0
     for name in dict.fromkeys(labels):
