@@ -82,9 +82,11 @@ def test_first_step_update(balanced):
     brute = 0.5 * lr * beta * (p * feats[s == 1].mean(0) - (1 - p) * feats[s == -1].mean(0))
     assert torch.allclose(traj.v[1], brute, atol=1e-14)
     assert torch.allclose(dyn.first_step_v(feats, s, beta, lr), brute, atol=1e-14)
+    m_norm = brute.norm().item() / (0.5 * lr * beta)   # the signed mean, any class balance
+    assert dyn.first_step_weight_change(m_norm, beta, lr) == pytest.approx(traj.weight_change[1], rel=1e-12)
     if balanced:
         delta = feats[s == 1].mean(0) - feats[s == -1].mean(0)
-        assert dyn.first_step_weight_change(delta.norm().item(), beta, lr) == pytest.approx(
+        assert dyn.first_step_weight_change(delta.norm().item() / 2, beta, lr) == pytest.approx(
             traj.weight_change[1], rel=1e-12)
 
 

@@ -265,10 +265,11 @@ def first_step_v(features: Tensor, s, beta: float, lr: float) -> Tensor:
     return 0.5 * lr * beta * signed_mean(features, s)
 
 
-def first_step_weight_change(delta_norm, beta: float, lr: float):
-    """Theorem 4.1: ``||W_1 - W_0||_F = ||W_1 - W_0||_op = sqrt(2) lr beta ||Delta|| / 4`` (balanced
-    classes, full batch): linear in the distinguishability."""
-    return math.sqrt(U_NORM_SQ) * lr * beta * np.asarray(delta_norm) / 4
+def first_step_weight_change(m_norm, beta: float, lr: float):
+    """Theorem 4.1 (step 1, full batch): ``||W_1 - W_0||_F = ||W_1 - W_0||_op = sqrt(2) lr beta ||m|| / 2``
+    with ``m = mean s g`` the signed mean (:func:`first_step_v`), for any class balance; for balanced
+    classes ``m = Delta / 2`` and it is ``sqrt(2) lr beta ||Delta|| / 4``, linear in the distinguishability."""
+    return math.sqrt(U_NORM_SQ) * lr * beta * np.asarray(m_norm) / 2
 
 
 def weight_change_bound(t, beta: float, lr: float, feature_norm: float):
