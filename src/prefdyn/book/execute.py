@@ -225,7 +225,7 @@ def clean_outputs(nb) -> None:
                     continue
                 out["text"] = relative(out["text"])
             for mime, value in out.get("data", {}).items():
-                if isinstance(value, str) and (mime.startswith("text/") or mime.endswith(("text/plain", "text/markdown"))):
+                if isinstance(value, str) and "text/" in mime:   # text/*, and papermill's .../text/plain
                     out["data"][mime] = relative(value)
             kept.append(out)
         cell["outputs"] = kept

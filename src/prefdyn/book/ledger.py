@@ -21,13 +21,17 @@ from pathlib import Path
 
 from ..store import atomic_write
 from .registry import load_papers, load_registry, registration_history
-from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs
-from .glue import table_cell
-from .verify import NOT_REPRODUCED, REPRODUCED, fmt
+from .glue import markdown_table
+from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs, run_identity
+from .verify import NOT_REPRODUCED, REPRODUCED, fmt, outcome
 
 PAGE = "ledger.md"
 DECLARED = {"derived": "derived, checked exactly", "reconstructed": "reconstructed (the book's own statement)",
             "empirical": "", "not tested": "not tested"}
+EVIDENCE = ((REPRODUCED, "real model", "reproduced on a real LLM"),   # (outcome, setting, phrase), by weight
+            (REPRODUCED, "simulation", "reproduced in simulation"),
+            (NOT_REPRODUCED, "real model", "not reproduced on a real LLM"),
+            (NOT_REPRODUCED, "simulation", "not reproduced in simulation"))
 
 
 def chapter_runs(chapter: str, live: bool = True) -> list[dict]:
@@ -35,17 +39,15 @@ def chapter_runs(chapter: str, live: bool = True) -> list[dict]:
     runs = []
     meta = load_meta(chapter) if live else None
     if meta is not None:
-        params = meta.get("parameters", {})
-        runs.append({**load_checks(chapter), "label": "live", "parameters": params,
-                     "hardware": meta.get("hardware"), "git": meta.get("git"),
-                     "model": params.get("model") or meta.get("defaults", {}).get("model", "").strip('"'),
-                     "data": params.get("data_dir")})
+        runs.append({**meta, **load_checks(chapter), **run_identity(meta), "label": "live"})
     return runs + load_recorded_runs(chapter)
 
 
 def describe_run(run: dict) -> str:
     p = run.get("parameters", {})
-    data = f"data `{Path(str(run['data'])).name}/`" if run.get("data") else "the book's data"
+    data = str(run.get("data") or "")     # a data_dir path (shown by its folder's name) or a recorded description
+    data = ("the book's data" if not data else data if any(ch.isspace() for ch in data)
+            else f"data `{Path(data).name}/`")
     return (f"`{run['label']}` ({p.get('scale', '?')}, {run.get('model') or 'default model'}, {data}, "
             f"{run.get('hardware') or 'unrecorded hardware'})")
 
@@ -58,31 +60,29 @@ def evidence(claim, runs: list[dict], registry) -> list[dict]:
         for c in run["checks"]:
             if c.get("prediction") and c["prediction"]["id"] in claim.predictions:
                 pid = c["prediction"]["id"]
-                out.append({"run": run, "prediction": pid, "status": c["status"],
+                out.append({"run": run, "prediction": pid, "status": c["status"], "outcome": outcome(c["status"]),
                             "setting": c["prediction"].get("setting") or registry.prediction(pid).setting,
                             "observed": c["observed"], "passes_if": c["tolerance"],
                             "power": c["prediction"]["power"], "n": c["prediction"]["n"]})
     return out
 
 
+def of_kind(found: list[dict], result: str, setting: str) -> list[dict]:
+    """The evidence with this outcome (``reproduced`` / ``not reproduced``) in this setting."""
+    return [e for e in found if e["outcome"] == result and e["setting"] == setting]
+
+
 def standing(claim, found: list[dict]) -> list[str]:
     """The claim's status phrases, most important first (see the module docstring)."""
     out = []
-    by_status: dict[str, list[dict]] = {}
-    for e in found:
-        by_status.setdefault(e["status"].split(" (")[0], []).append(e)
-    for setting, phrase in (("real model", "reproduced on a real LLM"), ("simulation", "reproduced in simulation")):
-        found_here = [e for e in by_status.get(REPRODUCED, []) if e["setting"] == setting]
-        if found_here:
+    for result, setting, phrase in EVIDENCE:
+        here = of_kind(found, result, setting)
+        if here:
             out.append(f"**{phrase}**: " + "; ".join(
-                f"`{e['prediction']}` in {describe_run(e['run'])}" for e in found_here))
-    for setting, phrase in (("real model", "not reproduced on a real LLM"), ("simulation", "not reproduced in simulation")):
-        found_here = [e for e in by_status.get(NOT_REPRODUCED, []) if e["setting"] == setting]
-        if found_here:
-            out.append(f"**{phrase}**: " + "; ".join(
-                f"`{e['prediction']}` in {describe_run(e['run'])}: measured {fmt(e['observed'])}, "
-                f"passes if {e['passes_if']}, power {e['power']:.2f}" for e in found_here))
-    weak = [e for k, v in by_status.items() if k not in (REPRODUCED, NOT_REPRODUCED) for e in v]
+                f"`{e['prediction']}` in {describe_run(e['run'])}" + ("" if result == REPRODUCED else
+                f": measured {fmt(e['observed'])}, passes if {e['passes_if']}, power {e['power']:.2f}")
+                for e in here))
+    weak = [e for e in found if e["outcome"] not in (REPRODUCED, NOT_REPRODUCED)]
     if weak:
         out.append("underpowered or not selective (no evidence either way): " + "; ".join(
             f"`{e['prediction']}` in `{e['run']['label']}` ({e['status']}, power {e['power']:.2f} at n = {e['n']})"
@@ -100,14 +100,11 @@ def short_standing(claim, found: list[dict]) -> str:
     """The standing in a few words for the summary table: the declared status and, per outcome,
     the labels of the runs (the details follow the table)."""
     parts = [claim.status] if claim.status != "empirical" else []
-    for status, setting, phrase in ((REPRODUCED, "real model", "**reproduced on a real LLM**"),
-                                    (REPRODUCED, "simulation", "**reproduced in simulation**"),
-                                    (NOT_REPRODUCED, "real model", "**not reproduced on a real LLM**"),
-                                    (NOT_REPRODUCED, "simulation", "**not reproduced in simulation**")):
-        labels = sorted({e["run"]["label"] for e in found if e["status"] == status and e["setting"] == setting})
+    for result, setting, phrase in EVIDENCE:
+        labels = sorted({e["run"]["label"] for e in of_kind(found, result, setting)})
         if labels:
-            parts.append(f"{phrase} ({', '.join(labels)})")
-    if any(e["status"].split(" (")[0] not in (REPRODUCED, NOT_REPRODUCED) for e in found):
+            parts.append(f"**{phrase}** ({', '.join(labels)})")
+    if any(e["outcome"] not in (REPRODUCED, NOT_REPRODUCED) for e in found):
         parts.append("underpowered runs")
     if claim.predictions and not found:
         parts.append("predictions not run")
@@ -145,12 +142,10 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
         out += [f"## {paper['title']}", "",
                 f"{paper['authors']}, {paper['venue']} (arXiv {paper['arxiv']}). What of it can be read here: "
                 f"{paper['readable']}.", "",
-                "| claim | what it claims | this book | section |", "|---|---|---|---|"]
-        for r in mine:
-            c = r["claim"]
-            out.append("| " + " | ".join(table_cell(x) for x in (
-                f"`{c.id}`", c.claim, r["short"], f"{{ref}}`{c.section}`")) + " |")
-        out += ["", "Each claim in detail:", ""]
+                markdown_table(["claim", "what it claims", "this book", "section"],
+                               [[f"`{r['claim'].id}`", r["claim"].claim, r["short"], f"{{ref}}`{r['claim'].section}`"]
+                                for r in mine]),
+                "", "Each claim in detail:", ""]
         for r in mine:
             c = r["claim"]
             out.append(f"`{c.id}`\n: *Where:* {c.where}. *Claim:* {c.claim}." + (f" *Note:* {c.note}." if c.note else "")
@@ -176,23 +171,22 @@ def recorded_headline(chapters: list[str] | None = None) -> str:
     rows = ledger_rows(chapters, live=False)
     declared = {k: sum(r["claim"].status == k for r in rows) for k in ("derived", "reconstructed", "empirical", "not tested")}
 
-    def names(status: str) -> list[str]:
-        return sorted({f"`{r['claim'].id}` ({', '.join(sorted({e['run']['label'] for e in r['evidence'] if e['status'] == status and e['setting'] == 'real model'}))})"
-                       for r in rows if any(e["status"] == status and e["setting"] == "real model" for e in r["evidence"])})
+    reproduced = sorted(f"`{r['claim'].id}` ({', '.join(sorted({e['run']['label'] for e in here}))})"
+                        for r in rows if (here := of_kind(r["evidence"], REPRODUCED, "real model")))
 
     def failed(setting: str) -> str:
         results = {f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
-                   f"{e['passes_if']})": None for r in rows for e in r["evidence"]
-                   if e["status"] == NOT_REPRODUCED and e["setting"] == setting}   # a prediction may test two claims
+                   f"{e['passes_if']})": None for r in rows
+                   for e in of_kind(r["evidence"], NOT_REPRODUCED, setting)}   # a prediction may test two claims
         return "; ".join(results) or "none"
 
     untested = sum(1 for r in rows if r["claim"].predictions and not any(
-        e["status"] in (REPRODUCED, NOT_REPRODUCED) for e in r["evidence"]))
+        e["outcome"] in (REPRODUCED, NOT_REPRODUCED) for e in r["evidence"]))
     out = [f"The chapters list {len(rows)} claims of the papers: {declared['derived']} derived and checked exactly, "
            f"{declared['reconstructed']} reconstructed (the paper's statement could not be read; the book states "
            f"its own), {declared['empirical']} empirical (about models and data only), {declared['not tested']} not "
            "tested (each with its reason). In the runs recorded with the book:",
-           "", "- **reproduced on a real LLM**: " + ("; ".join(names(REPRODUCED)) or "none"),
+           "", "- **reproduced on a real LLM**: " + ("; ".join(reproduced) or "none"),
            "- **not reproduced on a real LLM**: " + failed("real model"),
            "- **not reproduced in simulation**: " + failed("simulation"),
            f"- {untested} claims with registered predictions have no adequately powered recorded run yet."]

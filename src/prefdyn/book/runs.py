@@ -98,12 +98,23 @@ def paths(chapter: str) -> dict[str, Path]:
 
 
 def normalise_checks(data) -> dict:
-    """A checks JSON as :class:`~prefdyn.book.verify.Verification` writes it (``{"checks", "reported"}``);
-    a record from before checks had kinds (a bare list) reads as ``unclassified`` checks."""
-    if isinstance(data, dict):
-        return data
-    return {"checks": [{**c, "kind": "unclassified", "status": "pass" if c["passed"] else "FAIL",
-                        "prediction": None} for c in data], "reported": [], "legacy": True}
+    """A checks JSON, or a recorded run, as :class:`~prefdyn.book.verify.Verification` writes it
+    (``{"checks", "reported", ...}``); checks from before checks had kinds (a bare list, or a record
+    whose checks carry no ``kind``) read as ``unclassified`` and the record is marked ``legacy``."""
+    record = data if isinstance(data, dict) else {"checks": data}
+    if not record["checks"] or "kind" in record["checks"][0]:
+        return record
+    return {"reported": [], **record, "legacy": True,
+            "checks": [{**c, "kind": "unclassified", "status": "pass" if c["passed"] else "FAIL",
+                        "prediction": None} for c in record["checks"]]}
+
+
+def run_identity(meta: dict) -> dict:
+    """The model and data set of a run, from its run record: the parameters it was given, else the
+    chapter's defaults (kept as source text, so a string default loses its quotes)."""
+    params, defaults = meta.get("parameters", {}), meta.get("defaults", {})
+    model = params.get("model") or defaults.get("model")
+    return {"model": model.strip('"') if isinstance(model, str) else model, "data": params.get("data_dir")}
 
 
 def is_failure(check: dict) -> bool:
@@ -154,18 +165,15 @@ def record(chapter: str, label: str, source: Path | None = None, hardware: str |
         raise ChapterError(f"the run of {chapter} was made from "
                            f"{'an unknown revision' if git is None else 'a tree with uncommitted changes'} "
                            f"({git}); commit and rerun it, or pass --allow-dirty to record it marked as such")
-    params = meta.get("parameters", {})
     entry = {**meta, **checks, "label": label, "dirty": dirty, "hardware": hardware or meta.get("hardware"),
-             "model": params.get("model") or meta.get("defaults", {}).get("model"),
-             "data": data or params.get("data_dir")}
+             "data": data or run_identity(meta)["data"]}
     return atomic_write_json(recorded_dir(chapter) / f"{label}.json", entry)
 
 
 def load_recorded_runs(chapter: str) -> list[dict]:
-    """Every recorded run of the chapter, by label."""
+    """Every recorded run of the chapter, by label, with its model read from its run record."""
     out = []
     for path in sorted(recorded_dir(chapter).glob("*.json")):
-        rec = json.loads(path.read_text())
-        legacy = rec["checks"] and "kind" not in rec["checks"][0]
-        out.append({**rec, **(normalise_checks(rec["checks"]) if legacy else {}), "label": rec.get("label", path.stem)})
+        rec = normalise_checks(json.loads(path.read_text()))
+        out.append({**rec, "model": run_identity(rec)["model"], "label": rec.get("label", path.stem)})
     return out

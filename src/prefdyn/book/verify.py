@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..store import atomic_write_json
-from .glue import glue_markdown, glue_value, table_cell
+from .glue import glue_markdown, glue_value, markdown_table
 from .registry import ADEQUATE_POWER, MAX_FALSE_PASS, Registry, load_registry
 from .runs import chapter_ids, current_chapter, current_checks_path, is_failure, load_checks, load_recorded_runs
 
@@ -51,11 +51,6 @@ class Check:
     passed: bool
     status: str
     prediction: dict | None = None   # for predictions: id, statistic, n, power, false-pass, effect
-
-    @property
-    def key(self) -> str:
-        """What identifies the check across runs: a prediction's id, else its claim."""
-        return self.prediction["id"] if self.prediction else self.claim
 
     def _repr_markdown_(self) -> str:
         """How a check shows when a notebook cell ends with it: one line, not the dataclass repr."""
@@ -84,8 +79,14 @@ def prediction_status(passed: bool, power: float, false_pass: float) -> str:
     return REPRODUCED if passed else NOT_REPRODUCED
 
 
-def _row(cells) -> str:
-    return "| " + " | ".join(table_cell(c) for c in cells) + " |"
+def outcome(status: str) -> str:
+    """A check's result without its detail: ``underpowered (passed)`` -> ``underpowered``."""
+    return status.split(" (")[0]
+
+
+def check_key(check: dict) -> str:
+    """What identifies a check across runs: a prediction's id, else its claim."""
+    return check["prediction"]["id"] if check.get("prediction") else check["claim"]
 
 
 def render_table(checks: list[dict]) -> str:
@@ -97,19 +98,20 @@ def render_table(checks: list[dict]) -> str:
             continue
         out += [f"**{KIND_TITLES[kind]}**", ""]
         if kind == "prediction":
-            out += ["| prediction | statistic | measured (passes if) | n | power, false-pass | result |",
-                    "|---|---|---|---|---|---|"]
+            rows = []
             for c in group:
                 p = c["prediction"]
                 n = f"{p['n']} {p['units']}" + ("" if p["n"] == p["registered_n"] else
                                                 f" (registered {p['registered_n']})")
                 claim = c["claim"] + (" *(simulation)*" if p.get("setting") == "simulation" else "")
-                out.append(_row([claim, p["statistic"], f"{fmt(c['observed'])} ({c['tolerance']})", n,
-                                 f"{p['power']:.2f}, {p['false_pass']:.3f}", f"**{c['status']}**"]))
+                rows.append([claim, p["statistic"], f"{fmt(c['observed'])} ({c['tolerance']})", n,
+                             f"{p['power']:.2f}, {p['false_pass']:.3f}", f"**{c['status']}**"])
+            out.append(markdown_table(["prediction", "statistic", "measured (passes if)", "n",
+                                       "power, false-pass", "result"], rows))
         else:
-            out += ["| claim | expected | measured | tolerance | result |", "|---|---|---|---|---|"]
-            out += [_row([c["claim"], fmt(c["predicted"]), fmt(c["observed"]), c["tolerance"], c["status"]])
-                    for c in group]
+            out.append(markdown_table(["claim", "expected", "measured", "tolerance", "result"],
+                                      [[c["claim"], fmt(c["predicted"]), fmt(c["observed"]), c["tolerance"],
+                                        c["status"]] for c in group]))
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -128,8 +130,7 @@ def summary_line(checks: list[dict]) -> str:
     if preds:
         counts: dict[str, int] = {}
         for c in preds:
-            label = c["status"].split(" (")[0]
-            counts[label] = counts.get(label, 0) + 1
+            counts[outcome(c["status"])] = counts.get(outcome(c["status"]), 0) + 1
         line += ("; " if line else "") + f"{len(preds)} predictions: " + \
             ", ".join(f"{v} {k}" for k, v in counts.items())
     return line or "no checks"
@@ -150,7 +151,7 @@ def runs_table(live: dict, recorded: list[dict]) -> str:
     order: list[tuple[str, str]] = []
     for j, (_, run) in enumerate(runs):
         for c in run["checks"]:
-            key = ("check", c["prediction"]["id"] if c.get("prediction") else c["claim"])
+            key = ("check", check_key(c))
             if key not in rows:
                 rows[key] = ["—"] * len(runs)
                 order.append((key, c["claim"]))
@@ -161,11 +162,9 @@ def runs_table(live: dict, recorded: list[dict]) -> str:
                 rows[key] = ["—"] * len(runs)
                 order.append((key, f"reported: {r['description'] or r['name']}"))
             rows[key][j] = reported_value(r)
-    head = _row(["row"] + [name for name, _ in runs])
-    lines = [head, "|" + "---|" * (len(runs) + 1)]
-    lines += [_row([label] + rows[key]) for key, label in order]
+    table = markdown_table(["row"] + [name for name, _ in runs], [[label] + rows[key] for key, label in order])
     legend = [f"- `{r['label']}`: " + run_facts(r) for r in recorded]
-    return "\n".join(lines) + ("\n\nRecorded runs:\n\n" + "\n".join(legend) if legend else
+    return table + ("\n\nRecorded runs:\n\n" + "\n".join(legend) if legend else
                                "\n\n*No other run of this chapter has been recorded.*")
 
 
@@ -243,7 +242,7 @@ class Verification:
 
     def predict(self, pid: str, observed: float, n: int) -> Check:
         """Check the registered prediction ``pid`` on its statistic ``observed`` from ``n``
-        measurements. Its threshold, effect and null come from the registry, never from the call;
+        measurements. Its threshold, effect and no-effect value come from the registry, never the call;
         power and false-pass rate are computed at ``n`` (the registered size at this scale is shown
         beside it when they differ, e.g. with the user's own data)."""
         if self.registry is None:
