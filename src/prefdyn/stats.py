@@ -31,6 +31,7 @@ def bootstrap_mean_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int
 # the statistic the chapters compute; the closed forms are exact for their model, the simulations
 # seeded, so a registration's numbers never change between runs.
 
+BOOTSTRAP_RESAMPLES = 200   # resamples of each percentile bootstrap modelled here
 COMPARISONS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}
 Z_95 = 1.959963984540054  # the two-sided 95% normal quantile, as in the bootstrap intervals
 
@@ -79,36 +80,38 @@ def _spearman(n: int, rho_s: float, symbol: str, threshold: float, lower_bound: 
               sims: int, seed: int) -> float:
     """Simulated: the Spearman correlation of n pairs, or its 95% percentile-bootstrap lower bound
     over the pairs (resampled with replacement, 200 resamples each), against ``threshold``."""
-    from scipy.stats import rankdata
-
     rng = np.random.default_rng(seed)
     sims = sims // 2 if lower_bound else sims  # the bootstrap costs 200 resamples a simulation
     rx, ry = _spearman_sample(n, rho_s, sims, rng)
     if not lower_bound:
         stat = rank_correlation(rx, ry)
     else:
-        idx = rng.integers(0, n, size=(sims, BOOTSTRAP_RESAMPLES, n))
-        bx = rankdata(np.take_along_axis(rx[:, None, :].repeat(BOOTSTRAP_RESAMPLES, 1), idx, 2), axis=2)
-        by = rankdata(np.take_along_axis(ry[:, None, :].repeat(BOOTSTRAP_RESAMPLES, 1), idx, 2), axis=2)
-        stat = np.nanquantile(rank_correlation(bx, by), 0.025, axis=1)
+        stat = _bootstrap_lower_bound(rx, ry, rng.integers(0, n, size=(sims, BOOTSTRAP_RESAMPLES, n)))
     return float(np.mean(COMPARISONS[symbol](np.nan_to_num(stat, nan=-np.inf if symbol[0] == ">" else np.inf),
                                              threshold)))
 
 
-BOOTSTRAP_RESAMPLES = 200
+def _bootstrap_lower_bound(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The 2.5% quantile of the Spearman correlation of the pairs ``(x, y)`` (last axis, length n)
+    over the resamples ``idx`` (shape ``(..., B, n)``); resamples whose ranks are all tied are left out."""
+    from scipy.stats import rankdata
+
+    def resampled(v):
+        return rankdata(np.take_along_axis(np.broadcast_to(v[..., None, :], idx.shape), idx, -1), axis=-1)
+
+    return np.nanquantile(rank_correlation(resampled(x), resampled(y)), 0.025, axis=-1)
+
+
 def spearman_lower_bound(x, y, seed: int, n_boot: int = BOOTSTRAP_RESAMPLES) -> float:
     """Lower end of the 95% percentile-bootstrap interval of the Spearman correlation of the pairs
     ``(x_k, y_k)``, resampling the pairs (the units, e.g. behaviours) with replacement ``n_boot``
     times from ``np.random.default_rng(seed)``: the statistic that the ``spearman_lower_bound`` test
     of :func:`pass_probability` models. Ties from repeated units get average ranks; a resample whose
     ranks are all tied has no correlation and is left out."""
-    from scipy.stats import rankdata
-
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
         raise ValueError("spearman_lower_bound needs two 1-d arrays of the same length, at least 2")
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-    return float(np.nanquantile(rank_correlation(rankdata(x[idx], axis=1), rankdata(y[idx], axis=1)), 0.025))
+    return float(_bootstrap_lower_bound(x, y, np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))))
 
 
 TESTS = ("proportion", "proportion_lower_bound", "mean_lower_bound", "spearman", "spearman_lower_bound")
