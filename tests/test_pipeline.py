@@ -155,5 +155,14 @@ def test_a_readers_runs_go_to_a_book_folder_of_their_own(tmp_path):
     assert (mine / "book" / "_toc.yml").is_file() and not (mine / "book" / "_executed").exists()
     (mine / "chapters" / "note.txt").write_text("kept")
     assert runs.stage_book(mine) == mine and (mine / "chapters" / "note.txt").read_text() == "kept"
+    assert not list(tmp_path.glob(".*partial"))          # staged in a sibling folder, then renamed
+    (tmp_path / "empty").mkdir()
+    assert (runs.stage_book(tmp_path / "empty") / "_config.yml").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    with pytest.raises(runs.ChapterError, match="neither empty nor a book folder"):
+        runs.stage_book(tmp_path / "other")
+    refused = prefdyn("run", "ch01-rlhf-dpo-ipo", "--out", str(tmp_path / "other"))
+    assert refused.returncode == 2 and "neither empty nor a book folder" in refused.stderr
     bad = prefdyn("book", "--from", str(tmp_path / "nothing"))
     assert bad.returncode == 2 and "not a book folder" in bad.stderr

@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(runs.chapter_ids()))
         return 0
     if args.command in ("run", "all") and args.out is not None:
-        os.environ["PREFDYN_ROOT"] = str(runs.stage_book(args.out))
+        try:
+            os.environ["PREFDYN_ROOT"] = str(runs.stage_book(args.out))
+        except runs.ChapterError as exc:
+            print(f"[prefdyn] error: {exc}", file=sys.stderr)
+            return 2
         print(f"[prefdyn] writing into the book folder {os.environ['PREFDYN_ROOT']}")
     if args.command == "book" and args.folder is not None:
         if not (args.folder / "chapters").is_dir():

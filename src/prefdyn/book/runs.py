@@ -50,17 +50,22 @@ def stage_book(target: Path) -> Path:
     reader's runs there (not into this book's ``book/_executed``) and ``prefdyn book --from target``
     builds a book from them beside the shipped one. An existing book folder is used as it is."""
     target = Path(target).expanduser().resolve()
-    if (target / "chapters").is_dir():
+    if (target / "chapters").is_dir() or target == root():
         return target
-    if target == root():
-        return target
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists() and any(target.iterdir()):
+        raise ChapterError(f"{target} is neither empty nor a book folder; give --out a new or empty folder")
+    staging = target.with_name(f".{target.name}.partial")   # copied whole, then renamed: never half a book
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     for name in BOOK_SKELETON:
         source = root() / name
         if source.is_dir():
-            shutil.copytree(source, target / name, ignore=NOT_COPIED)
+            shutil.copytree(source, staging / name, ignore=NOT_COPIED)
         else:
-            shutil.copy2(source, target / name)
+            shutil.copy2(source, staging / name)
+    if target.exists():
+        target.rmdir()
+    os.replace(staging, target)
     return target
 
 
