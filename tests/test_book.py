@@ -124,3 +124,43 @@ def test_ledger_page_lists_every_declared_claim_by_paper_and_links_its_chapter(b
         link = cells[-1].select_one("a")
         assert link is not None and link["href"].split("#")[0].endswith(".html"), claim.id
         assert (page.parent / link["href"].split("#")[0]).resolve().is_file()
+
+
+def test_chapter_pages_offer_their_myst_source_and_one_search_box(book):
+    top, _, html = book
+    assert html is not None
+    out = top / "book" / "_build" / "html"
+    for chapter in CHAPTERS:
+        page = out / "book" / "_executed" / f"{chapter}.html"
+        soup = BeautifulSoup(page.read_text(), "html.parser")
+        link = soup.select_one("a[href$='_myst/%s.md']" % chapter)
+        assert link is not None, f"{chapter}: no MyST source in the download menu"
+        assert (page.parent / link["href"]).resolve().read_text() == (top / "chapters" / f"{chapter}.md").read_text()
+        fields = [b for b in soup.select("button.search-button-field") if not b.find_parent(class_="navbar-persistent--mobile")]
+        assert len(fields) == 1, f"{chapter}: {len(fields)} search fields on a wide screen"
+        assert not soup.select("a.btn-source-repository-button"), "a repository link although no URL is configured"
+
+
+def test_proof_index_lists_results_by_chapter_without_internal_paths(book):
+    top, _, html = book
+    assert html is not None
+    soup = BeautifulSoup((top / "book" / "_build" / "html" / "prf-prf.html").read_text(), "html.parser")
+    text = soup.select_one("main").get_text(" ")
+    assert "_executed" not in text and "thm-" not in text
+    entries = [a.get_text(" ", strip=True) for a in soup.select("main table a")]
+    assert entries and all(re.match(r"(Theorem|Lemma|Proposition|Definition|Corollary|Remark) \d+ \(", e) for e in entries), entries
+    headings = [h.get_text(strip=True) for h in soup.select("main table tr.cap")]
+    chapter_titles = [BeautifulSoup((top / "book" / "_build" / "html" / "book" / "_executed" / f"{c}.html").read_text(),
+                                    "html.parser").select_one("main h1").get_text(strip=True).rstrip("#") for c in CHAPTERS]
+    assert headings and headings == [t for t in chapter_titles if t in headings], "chapters out of the book's order"
+
+
+def test_introduction_states_the_recorded_headline(book):
+    from prefdyn.book.ledger import recorded_headline
+    top, _, html = book
+    assert html is not None
+    intro = BeautifulSoup((top / "book" / "_build" / "html" / "book" / "intro.html").read_text(), "html.parser")
+    def words(text):   # the build typesets quotes and code; compare the words
+        return re.sub(r"\s+", " ", text.replace("\u2019", "'").replace("`", ""))
+    first = recorded_headline().splitlines()[0]
+    assert words(first) in words(intro.select_one("main").get_text(" "))

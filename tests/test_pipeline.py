@@ -166,3 +166,32 @@ def test_a_readers_runs_go_to_a_book_folder_of_their_own(tmp_path):
     assert refused.returncode == 2 and "neither empty nor a book folder" in refused.stderr
     bad = prefdyn("book", "--from", str(tmp_path / "nothing"))
     assert bad.returncode == 2 and "not a book folder" in bad.stderr
+
+
+def test_chapter_source_links_add_the_myst_source_and_the_repository_file(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from prefdyn.book import pages
+    monkeypatch.setattr(pages, "chapter_ids", lambda: ["ch09-x"])
+    def context():
+        return {"pathto": lambda name, resource: f"../../{name}",
+                "header_buttons": [{"label": "download-buttons", "buttons": [{"text": ".ipynb"}, {"text": ".md"}]}]}
+    app = SimpleNamespace(config=SimpleNamespace(html_theme_options={}))
+    ctx = context()
+    pages.chapter_source_links(app, "book/_executed/ch09-x", "page.html", ctx, None)
+    assert [b.get("text") for b in ctx["header_buttons"][0]["buttons"]] == [".ipynb", ".md (MyST)", ".md"]
+    assert ctx["header_buttons"][0]["buttons"][1]["url"] == "../../_myst/ch09-x.md"
+    other = context()
+    pages.chapter_source_links(app, "book/intro", "page.html", other, None)   # not a chapter: untouched
+    assert [b["text"] for b in other["header_buttons"][0]["buttons"]] == [".ipynb", ".md"]
+    app.config.html_theme_options = {"repository_url": "https://github.com/o/prefdyn/", "repository_branch": "dev"}
+    pages.repository_buttons(app, app.config)
+    assert app.config.html_theme_options["use_repository_button"] and not app.config.html_theme_options["use_edit_page_button"]
+    ctx = context()
+    pages.chapter_source_links(app, "book/_executed/ch09-x", "page.html", ctx, None)
+    assert ctx["header_buttons"][0]["buttons"][2]["url"] == "https://github.com/o/prefdyn/blob/dev/chapters/ch09-x.md"
+    app.config.html_theme_options = {"repository_url": ""}
+    pages.repository_buttons(app, app.config)
+    assert app.config.html_theme_options["use_repository_button"] is False
+    with pytest.raises(RuntimeError, match="use_download_button"):
+        pages.chapter_source_links(app, "book/_executed/ch09-x", "page.html", {"pathto": ctx["pathto"], "header_buttons": []}, None)

@@ -25,6 +25,7 @@ from .glue import markdown_table
 from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs, run_identity
 from .verify import NOT_REPRODUCED, REPRODUCED, fmt, outcome
 
+HEADLINE_PAGE = "headline.md"   # included by book/intro.md
 PAGE = "ledger.md"
 DECLARED = {"derived": "derived, checked exactly", "reconstructed": "reconstructed (the book's own statement)",
             "empirical": "", "not tested": "not tested"}
@@ -207,5 +208,8 @@ def update_readme(path: Path) -> bool:
 
 
 def write_ledger_page() -> Path:
-    """Write the ledger next to the executed notebooks (``book/_executed/ledger.md``)."""
+    """Write the ledger next to the executed notebooks (``book/_executed/ledger.md``), and the
+    headline of the recorded runs that the introduction includes (``book/_executed/headline.md``,
+    the same text as the README's first screen)."""
+    atomic_write(executed_dir() / HEADLINE_PAGE, recorded_headline() + "\n")
     return atomic_write(executed_dir() / PAGE, ledger_markdown())
