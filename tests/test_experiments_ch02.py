@@ -104,3 +104,50 @@ def test_full_model_dpo_trains_the_top_block_and_reads_its_features(smol, monkey
     np.testing.assert_allclose((chosen - rejected).double(), run.s * (run.features_after @ u), atol=1e-3)
     assert run.s.tolist() == [1 if ex.chosen == "Yes" else -1 for ex in examples]
     assert run.behaviour.tolist() == [ex.behaviour for ex in examples]
+
+
+def test_pairwise_priority_against_the_closed_form_level_and_the_numpy_recursion():
+    """Every pair trained jointly by the NumPy recursion (full batch: the book protocol); the level
+    from its closed form (||Da||^2 - ||Db||^2) / (||Da + Db|| max(||Da||, ||Db||))."""
+    g, s, behaviour = tiny_behaviours()
+    delta = {b: dyn.preference_gap(g[behaviour == b], s[behaviour == b]) for b in dict.fromkeys(behaviour)}
+    beta, lr, steps = 0.5, 0.3, 6
+    pp = ch02.pairwise_priority(ch02.protocol("book"), g, s, behaviour, delta, beta=beta, lr=lr, steps=steps, seed=0)
+    assert len(pp.pairs) == 15
+    for (a, b), level, gap in zip(pp.pairs, pp.level, pp.loss_gap):
+        da, db = delta[a], delta[b]
+        closed = (da.norm() ** 2 - db.norm() ** 2) / ((da + db).norm() * max(da.norm(), db.norm()))
+        assert level == pytest.approx(closed.item(), rel=1e-10)
+        both = np.isin(behaviour, [a, b])
+        gn, sn = g[both].numpy(), s[both].numpy().astype(float)
+        v = np.zeros(gn.shape[1])
+        for _ in range(steps):
+            v = v + lr * beta * ((sn / (1 + np.exp(2 * beta * sn * (gn @ v))))[:, None] * gn).mean(0)
+        loss = {k: np.mean(np.log1p(np.exp(-2 * beta * sn * (gn @ v)))[behaviour[both] == k]) for k in (a, b)}
+        assert gap == pytest.approx(loss[b] - loss[a], abs=1e-12)
+    assert pp.agreement() == np.mean(np.sign(pp.level) == np.sign(pp.loss_gap))
+
+
+def test_protocols_and_their_settings():
+    g, s, behaviour = tiny_behaviours()
+    book, paper = ch02.protocol("book"), ch02.protocol("paper")
+    beta, lr, steps, L = book.settings(0.3, 40, 0.75, g, behaviour)
+    assert (beta, steps) == (0.3, 40) and L == dyn.smoothness(g, 0.3, behaviour) and lr == pytest.approx(1.5 / L)
+    assert paper.settings(0.3, 40, 0.75, g, behaviour)[:3] == (0.01, 0.1, 100)
+    assert not paper.chat_template and paper.fresh_batches and paper.batch_size == 128 and paper.split_seed == 1234
+    run = paper.train(g, s, beta=0.01, lr=0.1, steps=3, seed=2)   # fewer statements than a batch: full batch
+    assert torch.allclose(run.v, dyn.last_layer_dpo(g, s, beta=0.01, lr=0.1, steps=3).v)
+    with pytest.raises(ValueError, match="'book'.*'paper'"):
+        ch02.protocol("authors")
+
+
+@pytest.mark.slow
+def test_second_final_norm_is_the_authors_rms_norm_again(smol):
+    """The authors' ``embedding * rsqrt(mean(embedding^2) + eps) * norm_weights`` on SmolLM2's features."""
+    examples = [ex for group in load_persona(max_per_behaviour=2, seed=0).values() for ex in group][:6]
+    G, _, _ = persona.persona_features(smol, examples, chat_template=False)
+    weight = smol.model.get_decoder().norm.weight.detach().double()
+    eps = smol.model.config.rms_norm_eps
+    manual = G * torch.rsqrt(G.pow(2).mean(-1, keepdim=True) + eps) * weight
+    assert torch.allclose(ch02.second_final_norm(smol, G), manual, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ch02.second_final_norm(smol, G), G, rtol=1e-3)

@@ -8,6 +8,7 @@ products, and :func:`full_model_dpo` trains the transformer itself.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,102 @@ from ..llm.train import train_only_top_blocks, train_preferences
 from ..params import torch_threads
 from ..theory import dynamics as dyn
 from .persona import persona_features, persona_pairs, reference_from_features
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the chapter trains the last layer on a real model's persona features.
+
+    ``book``: the chat template, full-batch gradient descent at ``lr_fraction·2/L`` for the scale's
+    number of steps at the chapter's ``beta`` (the setting of R1-R3). ``paper``: what the authors'
+    ``training scripts/last_layer_training.py`` runs: the raw question text, plain SGD on a fresh
+    random batch of 128 statements at every step, 100 steps, learning rate ``10^-1`` and
+    ``beta = 10^-2`` (the configuration ``_l1.02.0s`` of their ``plot_log_data.py``). Both hold out
+    ``test_fraction`` of every behaviour's statements (stratified by class; the authors shuffle each
+    behaviour with seed 1234, ``split_seed`` here) and log the held-out loss and policy accuracy.
+    ``None`` fields take the chapter's value (its ``beta``, the scale's steps, ``lr_fraction·2/L``)."""
+
+    chat_template: bool
+    batch_size: int | None
+    fresh_batches: bool
+    steps: int | None
+    lr: float | None
+    beta: float | None
+    test_fraction: float = 0.1
+    split_seed: int | None = None
+
+    def settings(self, beta: float, steps: int, lr_fraction: float, features: Tensor,
+                 groups) -> tuple[float, float, int, float]:
+        """``(beta, lr, steps, L)`` of this protocol on ``features``: its own values, else the chapter's
+        ``beta`` and ``steps`` and the step ``lr_fraction·2/L``, with ``L`` the smoothness of the loss
+        (:func:`prefdyn.theory.dynamics.smoothness`, the largest over ``groups``) at this ``beta``."""
+        beta = beta if self.beta is None else self.beta
+        L = dyn.smoothness(features, beta, groups)
+        return (beta, lr_fraction * 2 / L if self.lr is None else self.lr, steps if self.steps is None else self.steps, L)
+
+    def train(self, features: Tensor, s: Tensor, *, beta: float, lr: float, steps: int, seed: int,
+              groups=None, ref_logodds: Tensor | None = None) -> dyn.Trajectory:
+        """Last-layer DPO (:func:`prefdyn.theory.dynamics.last_layer_dpo`) with this protocol's batches."""
+        return dyn.last_layer_dpo(features, s, beta=beta, lr=lr, steps=steps, groups=groups, ref_logodds=ref_logodds,
+                                  batch_size=self.batch_size, fresh_batches=self.fresh_batches, seed=seed)
+
+
+PROTOCOLS = {
+    "book": Protocol(chat_template=True, batch_size=None, fresh_batches=False, steps=None, lr=None, beta=None),
+    "paper": Protocol(chat_template=False, batch_size=128, fresh_batches=True, steps=100, lr=0.1, beta=0.01,
+                      split_seed=1234),
+}
+
+
+def protocol(name: str) -> Protocol:
+    """The :class:`Protocol` called ``name``, or a ``ValueError`` naming the choices."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"protocol={name!r} is not one of {sorted(PROTOCOLS)}: 'book' trains as the chapter's "
+                         "theorems assume, 'paper' as the authors' last_layer_training.py")
+    return PROTOCOLS[name]
+
+
+def second_final_norm(policy: Policy, features: Tensor) -> Tensor:
+    """The final norm applied once more to features that already passed it: the authors' code
+    takes ``hidden_states[-1]`` (in Hugging Face already after the model's final RMSNorm) and
+    normalises it again with the same weights, ``g * rsqrt(mean(g^2) + eps) * w``. Here the model's own
+    final-norm module does it, so any norm (RMSNorm, Gemma's ``1 + w``) is applied as the model
+    defines it. The last-layer model then no longer reproduces the model's logits."""
+    norm = policy.model.get_decoder().norm
+    with torch.no_grad():
+        return norm(features.to(norm.weight.dtype)).to(features.dtype)
+
+
+@dataclass
+class PairPriority:
+    """Every pair ``(a, b)`` of behaviours trained jointly (:func:`pairwise_priority`): the authors'
+    priority level of ``a`` over ``b`` (:func:`prefdyn.theory.dynamics.priority_level`) and the
+    training loss of ``b`` minus that of ``a`` after the run (positive: ``a`` was learned more)."""
+
+    pairs: list[tuple[str, str]]
+    level: np.ndarray
+    loss_gap: np.ndarray
+
+    def agreement(self) -> float:
+        """The share of pairs whose more prioritised behaviour (level > 0) ends with the lower loss."""
+        return float(np.mean(np.sign(self.level) == np.sign(self.loss_gap)))
+
+
+def pairwise_priority(protocol: Protocol, features: Tensor, s: Tensor, behaviour: np.ndarray, delta: dict, *,
+                      beta: float, lr: float, steps: int, seed: int) -> PairPriority:
+    """Train every pair of behaviours jointly with ``protocol`` (both start at loss ``log 2``, so the
+    final loss is the progress) and set each pair's outcome beside its priority level, computed from
+    the gaps ``delta[k]`` (thm-ch2-priority: the behaviour with the larger level is learned first)."""
+    pairs = list(itertools.combinations(delta, 2))
+    level, gap = [], []
+    for a, b in pairs:
+        idx = torch.from_numpy(np.isin(behaviour, [a, b]))
+        run = protocol.train(features[idx], s[idx], beta=beta, lr=lr, steps=steps, seed=seed,
+                             groups=behaviour[idx.numpy()].tolist())
+        loss = dict(zip(run.groups, run.loss[-1]))
+        level.append(dyn.priority_level(delta[a], delta[b]))
+        gap.append(loss[b] - loss[a])
+    return PairPriority(pairs, np.array(level), np.array(gap))
 
 
 def bootstrap_rank_correlations(g: Tensor, s: Tensor, behaviour: np.ndarray, rng: np.random.Generator, *,

@@ -30,12 +30,13 @@ def persona_pairs(tokenizer, examples) -> PreferencePairs:
                            [ex.chosen for ex in examples], [ex.rejected for ex in examples])
 
 
-def persona_features(policy, examples) -> tuple[Tensor, Tensor, np.ndarray]:
+def persona_features(policy, examples, chat_template: bool = True) -> tuple[Tensor, Tensor, np.ndarray]:
     """The frozen features of persona statements: ``g(x)``, the final-norm hidden state of the last
-    token of each chat-templated question (:func:`prefdyn.llm.features.embeddings`, float64, shape
-    ``(n, d)``), the sign ``s = +1`` when the preferred answer is Yes (the cluster ``C_{k,+}``) and
-    ``-1`` otherwise, and each statement's behaviour (its concept ``k``)."""
-    prompts = [chat_prompt(policy.tokenizer, ex.question) for ex in examples]
+    token of each question (:func:`prefdyn.llm.features.embeddings`, float64, shape ``(n, d)``), in
+    the chat template or, with ``chat_template=False``, the raw ``question`` text as the authors'
+    ``last_layer_training.py`` feeds it; the sign ``s = +1`` when the preferred answer is Yes (the
+    cluster ``C_{k,+}``) and ``-1`` otherwise; and each statement's behaviour (its concept ``k``)."""
+    prompts = [chat_prompt(policy.tokenizer, ex.question) if chat_template else ex.question for ex in examples]
     return (embeddings(policy, prompts).double(), torch.tensor([1 if ex.matches else -1 for ex in examples]),
             np.array([ex.behaviour for ex in examples]))
 

@@ -128,46 +128,59 @@ class Trajectory:
 
 def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, groups=None,
                    ref_logodds: Tensor | None = None, batch_size: int | None = None,
-                   seed: int = 0) -> Trajectory:
+                   fresh_batches: bool = False, seed: int = 0) -> Trajectory:
     """Train ``v`` (the head ``W_ref + u v^T``) by SGD on the DPO loss over fixed features.
 
     ``batch_size=None`` is full-batch gradient descent (the setting of the exact theorems); else a
-    seeded permutation is cut into batches, epoch after epoch. ``groups`` (one label per example,
-    e.g. the behaviour) makes every logged quantity per group as well; the groups are listed in
-    order of first appearance. Training is joint over all examples in every case."""
+    seeded permutation is cut into batches, epoch after epoch, or, with ``fresh_batches``, every step
+    draws ``batch_size`` distinct examples afresh (what the authors' ``last_layer_training.py`` does,
+    ``next(iter(DataLoader(shuffle=True)))`` at every step). ``groups`` (one label per example, e.g.
+    the behaviour) makes every logged quantity per group as well; the groups are listed in order of
+    first appearance. Training is joint over all examples in every case; the logged quantities are
+    :func:`trajectory_metrics` on the training examples."""
     s = _signs(s)
     n, d = features.shape
-    labels = list(groups) if groups is not None else ["all"] * n
-    names = list(dict.fromkeys(labels))
-    index = {name: torch.tensor([i for i, g in enumerate(labels) if g == name]) for name in names}
     v = torch.zeros(d, dtype=features.dtype)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    vs, loss, margin, racc, pacc = [], [], [], [], []
-    sf = s.to(features.dtype)
-    for t in range(steps + 1):
-        h = margins(v, features, s, beta)
-        ell = -F.logsigmoid(h)
-        vs.append(v.clone())
-        loss.append([ell[index[k]].mean().item() for k in names])
-        margin.append([h[index[k]].mean().item() for k in names])
-        racc.append([(h[index[k]] > 0).double().mean().item() for k in names])
-        if ref_logodds is not None:
-            correct = sf * (ref_logodds.to(features.dtype) + U_NORM_SQ * (features @ v)) > 0
-            pacc.append([correct[index[k]].double().mean().item() for k in names])
-        if t == steps:
-            break
-        if batch_size is None:
-            v = dpo_step(v, features, s, beta, lr)
+    vs = [v]
+    for _ in range(steps):
+        if batch_size is None or batch_size >= n:
+            batch = slice(None)
+        elif fresh_batches:
+            batch = torch.randperm(n, generator=gen)[:batch_size].tolist()
         else:
             if len(order) < batch_size:
                 order += torch.randperm(n, generator=gen).tolist()
             batch, order = order[:batch_size], order[batch_size:]
-            v = dpo_step(v, features[batch], s[batch], beta, lr)
-    V = torch.stack(vs)
+        v = dpo_step(v, features[batch], s[batch], beta, lr)
+        vs.append(v)
+    return trajectory_metrics(torch.stack(vs), features, s, beta=beta, groups=groups, ref_logodds=ref_logodds)
+
+
+def trajectory_metrics(V: Tensor, features: Tensor, s, *, beta: float, groups=None,
+                       ref_logodds: Tensor | None = None) -> Trajectory:
+    """The :class:`Trajectory` of the heads ``W_ref + u v_t^T`` (``V[t] = v_t``) on ``features``: the
+    training set, or held-out statements (as the authors' code logs its test loss and accuracy).
+    Per step and group: the mean DPO loss ``-log sigma(h)`` and margin ``h`` (eq-ch2-margin), the
+    share with ``h > 0`` and, given the reference log-odds ``u^T W_ref g``, the share with
+    ``s (ref_logodds + 2 v_t^T g) > 0``."""
+    s = _signs(s)
+    labels = list(groups) if groups is not None else ["all"] * len(features)
+    names = list(dict.fromkeys(labels))
+    index = {name: torch.tensor([i for i, g in enumerate(labels) if g == name]) for name in names}
+    h = U_NORM_SQ * beta * s.to(features.dtype)[None, :] * (V @ features.T)   # margins(v_t) for every t
+
+    def per_group(x: Tensor) -> np.ndarray:   # [t, k]: the mean over group k at step t
+        return np.stack([x[:, index[k]].double().mean(1).numpy() for k in names], axis=1)
+
+    policy = None
+    if ref_logodds is not None:
+        logodds = ref_logodds.to(features.dtype)[None, :] + U_NORM_SQ * (V @ features.T)
+        policy = per_group(s.to(features.dtype)[None, :] * logodds > 0)
     return Trajectory(v=V, weight_change=(math.sqrt(U_NORM_SQ) * V.norm(dim=1)).numpy(),
-                      loss=np.array(loss), margin=np.array(margin), reward_accuracy=np.array(racc),
-                      policy_accuracy=np.array(pacc) if ref_logodds is not None else None, groups=names)
+                      loss=per_group(-F.logsigmoid(h)), margin=per_group(h), reward_accuracy=per_group(h > 0),
+                      policy_accuracy=policy, groups=names)
 
 
 def smoothness(features: Tensor, beta: float, groups=None) -> float:
@@ -234,19 +247,23 @@ def losses_after(features: Tensor, s, groups, *, beta: float, lr: float, steps: 
 
 
 def explicit_softmax_dpo(W0: Tensor, features: Tensor, chosen: Tensor, rejected: Tensor, *, beta: float,
-                         lr: float, steps: int) -> list[Tensor]:
-    """Full-batch gradient descent on the DPO loss of a whole unembedding ``W`` (V x d) with an
-    explicit softmax over all ``V`` tokens, by autograd; returns ``[W_0, W_1, ..., W_steps]``.
+                         lr: float, steps: int, batches=None) -> list[Tensor]:
+    """Gradient descent on the DPO loss of a whole unembedding ``W`` (V x d) with an explicit softmax
+    over all ``V`` tokens, by autograd; returns ``[W_0, W_1, ..., W_steps]``. Full batch, or step
+    ``t`` on the examples ``batches[t]`` (SGD, as the authors' ``last_layer_training.py`` trains the
+    whole head).
 
     An independent computation of the dynamics: nothing here assumes that the normaliser cancels
     or that the update is rank one."""
     W = W0.clone().requires_grad_(True)
-    ref = torch.log_softmax(features @ W0.T, -1).detach()
+    ref_all = torch.log_softmax(features @ W0.T, -1).detach()
     out = [W0.clone()]
-    rows = torch.arange(len(features))
-    for _ in range(steps):
-        logp = torch.log_softmax(features @ W.T, -1)
-        h = beta * ((logp[rows, chosen] - ref[rows, chosen]) - (logp[rows, rejected] - ref[rows, rejected]))
+    for t in range(steps):
+        rows = torch.arange(len(features)) if batches is None else torch.as_tensor(batches[t])
+        logp = torch.log_softmax(features[rows] @ W.T, -1)
+        i, w, l = torch.arange(len(rows)), chosen[rows], rejected[rows]
+        ref = ref_all[rows]
+        h = beta * ((logp[i, w] - ref[i, w]) - (logp[i, l] - ref[i, l]))
         loss = -F.logsigmoid(h).mean()
         (grad,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
