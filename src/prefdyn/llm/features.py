@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..store import atomic_write, cache_dir
 from .models import Policy, transformer_blocks, weights_digest
-from .tokens import pad_batch
+from .tokens import encode_prompt, pad_batch
 
 
 def last_states(model, ids: torch.Tensor, mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
@@ -29,7 +29,7 @@ def last_states(model, ids: torch.Tensor, mask: torch.Tensor, layer: int = -1) -
 def last_token_states(model, tokenizer, texts: Sequence[str], device, layer: int = -1) -> torch.Tensor:
     """Hidden state at ``layer`` of the last token of each text (``-1``: after the final norm, the
     input of the LM head), from one right-padded batch; differentiable."""
-    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    rows = [encode_prompt(tokenizer, t) for t in texts]
     ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
     return last_states(model, ids, mask, layer)
 
@@ -85,7 +85,7 @@ class FrozenPrefix:
     """
 
     def __init__(self, model, tokenizer, prompts: Sequence[str], n_blocks: int, device):
-        rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        rows = [encode_prompt(tokenizer, p) for p in prompts]
         ids, mask = (t.to(device) for t in pad_batch(tokenizer, rows))
         n_layers = len(transformer_blocks(model))
         if not 0 < n_blocks < n_layers:

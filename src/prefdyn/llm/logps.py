@@ -22,6 +22,7 @@ from .tokens import (
     IGNORE_INDEX,
     TokenBatch,
     encode,
+    encode_prompt,
     pad_batch,
     single_token_responses,
     trim_padding,
@@ -80,7 +81,7 @@ class EncodedPairs:
             raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses")
         tokens = single_token_responses(tokenizer, list(chosen) + list(rejected))
         if tokens is not None:
-            ids, mask = pad_batch(tokenizer, [tokenizer.encode(p, add_special_tokens=False) for p in prompts])
+            ids, mask = pad_batch(tokenizer, [encode_prompt(tokenizer, p) for p in prompts])
             return cls(lengths=mask.sum(1), prompt_ids=ids, prompt_mask=mask,
                        answers=torch.tensor(tokens).view(2, len(prompts)).T.contiguous())
         sequences = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected))

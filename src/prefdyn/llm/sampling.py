@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..store import atomic_write_json, cache_dir
 from .models import Policy, weights_digest
+from .tokens import encode_prompt
 
 
 @torch.no_grad()
@@ -31,7 +32,8 @@ def _generate(policy: Policy, prompts: Sequence[str], n: int, max_new_tokens: in
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     try:
         for b, i in enumerate(tqdm(range(0, len(rows), batch_size), disable=not progress, desc="sampling")):
-            enc = tokenizer(rows[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, r) for r in rows[i:i + batch_size]]},
+                                return_tensors="pt")
             torch.manual_seed(seed * 100_003 + b)
             out = model.generate(**enc.to(policy.device), do_sample=temperature > 0,
                                  temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,

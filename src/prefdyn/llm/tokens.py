@@ -40,13 +40,25 @@ def pad_batch(tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Ten
     return _right_pad(rows, tokenizer.pad_token_id), _right_pad([[1] * len(r) for r in rows], 0)
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids of a prompt as the model expects a sequence to start: with the tokenizer's own
+    beginning-of-sequence token where its policy adds one (Gemma's ``<bos>``; SmolLM2's tokenizer adds
+    none), unless the text already starts with it (a chat template that writes it)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and tokenizer.encode(prompt, add_special_tokens=True)[:1] == [bos]:
+        return [bos] + ids
+    return ids
+
+
 def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
-    """Tokenise prompt and response separately (so the boundary is exact) and concatenate."""
+    """Tokenise prompt (:func:`encode_prompt`) and response separately (so the boundary is exact)
+    and concatenate."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     rows, label_rows = [], []
     for prompt, response in zip(prompts, responses):
-        p = tokenizer.encode(prompt, add_special_tokens=False)
+        p = encode_prompt(tokenizer, prompt)
         r = tokenizer.encode(response, add_special_tokens=False)
         if not r:
             raise ValueError(f"empty response for prompt {prompt[:60]!r}")
