@@ -4,12 +4,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import restoring
+from scipy.stats import t as student_t
 
+from prefdyn.book.registry import Prediction
 from prefdyn.datasets import demonstrations
-from prefdyn.datasets.demonstrations import Demonstration
+from prefdyn.datasets.demonstrations import Demonstration, DemonstrationSet, dialogue_turns
 from prefdyn.experiments import ch05
-from prefdyn.llm import models
+from prefdyn.llm import logps, models
+from prefdyn.llm.features import embeddings
 from prefdyn.llm.sampling import sample_responses
+from prefdyn.params import ParameterError
+from prefdyn.stats import pass_probability
+from prefdyn.theory import demonstrations as afd
 from prefdyn.theory.demonstrations import LogisticModel
 
 
@@ -95,9 +102,126 @@ def test_response_features_are_the_last_token_final_hidden_state(smol, tmp_path,
 
 
 def test_provenance_names_the_shipped_set_or_the_readers_file_with_counts():
-    demos = [demo("red"), demo("blue"), Demonstration("x", "other", "Say x.", "It is x.", ("x",))]
-    shipped = demonstrations.provenance(None, demos)
-    assert "book's own demonstration set (3 demonstrations in 2 categories)" in shipped
+    demos = [demo("red"), demo("blue"), Demonstration("x", "other", "Say x.", "Indeed! It is x.", ("x",))]
+    shipped = demonstrations.provenance(None, DemonstrationSet(demos, "book"))
+    assert "book's own demonstration set (3 demonstrations in 2 categories; 1 open with the style marker" in shipped
     assert "not the paper's" in shipped
-    own = demonstrations.provenance("/tmp/mine/demos.jsonl", demos[:1])
-    assert own == "the demonstrations in `demos.jsonl` (1 demonstration in 1 category), passed as `demonstrations_path`"
+    own = demonstrations.provenance("/tmp/mine/demos.jsonl", DemonstrationSet(demos[:1], "book"))
+    assert own == "the demonstrations in `demos.jsonl` (1 demonstration in 1 category), passed as `demos_path`"
+
+
+def test_toy_extrapolation_instances_follow_the_chapters_recipe():
+    tree, lambdas = afd.TokenTree(n_words=2, T=3), np.linspace(0, 2, 5)
+    curves = ch05.toy_extrapolation_instances(tree, torch.Generator().manual_seed(3), 2, 5, 1.0, lambdas)
+    gen = torch.Generator().manual_seed(3)
+    for row in curves:        # the same draws, in the same order, by hand
+        beta, init = tree.random_logits(gen, scale=1.5), tree.random_logits(gen)
+        sft = afd.toy_sft(tree, beta, init, 5, 1.0)
+        lb, ls, l0 = (afd.trajectory_logprobs(tree, x) for x in (beta, sft, init))
+        for lam, value in zip(lambdas, row):
+            mix = torch.log_softmax((1 + lam) * ls - lam * l0, 0)
+            assert value == pytest.approx((lb.exp() * (lb - mix)).sum().item(), abs=1e-12)
+    assert curves.shape == (2, 5)
+
+
+def test_options_and_split_fail_with_the_fix_named():
+    ch05.check_options("mean", 1.0)
+    ch05.check_options("sum", 1)
+    with pytest.raises(ParameterError, match="sft_loss='avg' must be one of 'mean', 'sum'"):
+        ch05.check_options("avg", 1.0)
+    with pytest.raises(ParameterError, match="temperature=0.7: only 1 is supported"):
+        ch05.check_options("mean", 0.7)
+    demos = [demo(str(k)) for k in range(5)]
+    train, test, rest = ch05.split(demos, 2, 2, seed=0, source="x.jsonl")
+    order = np.random.default_rng(0).permutation(5)
+    assert [d.id for d in train + test + rest] == [demos[i].id for i in order]
+    assert (len(train), len(test), len(rest)) == (2, 2, 1)
+    with pytest.raises(ParameterError, match="x.jsonl holds 5 demonstrations; this scale needs 4 training and 2"):
+        ch05.split(demos, 4, 2, seed=0, source="x.jsonl")
+
+
+def test_preference_pairs_by_hand():
+    golden = np.array([[1.0, 0.0, 1.0], [0.5, 0.5, 0.5]])     # prompt 1 is all ties: no pair
+    win, lose = ch05.preference_pairs(golden)
+    assert sorted(zip(win.tolist(), lose.tolist())) == [(0, 1), (2, 1)]
+
+
+def test_bradley_terry_rm_fits_the_ranked_pairs_or_reports_none():
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.normal(size=(6, 2)))
+    golden = np.array([[1.0, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    model, n = ch05.bradley_terry_rm(X, golden, l2=0.1)
+    reference = afd.fit_bradley_terry(X[[0, 0, 2]], X[[1, 2, 1]], l2=0.1)
+    assert n == 3 and torch.allclose(model.weight, reference.weight, atol=1e-12)
+    assert ch05.bradley_terry_rm(X, np.zeros((2, 3)), l2=0.1) == (None, 0)
+
+
+def test_standardised_lower_bound_by_hand():
+    x = np.array([0.3, -0.1, 0.4, 0.2, 0.0])
+    m, s = x.mean(), x.std(ddof=1)
+    assert ch05.standardised_lower_bound(x) == pytest.approx((m - 1.959963984540054 * s / math.sqrt(5)) / s, abs=1e-12)
+    assert ch05.standardised_lower_bound(np.zeros(4)) == 0.0
+    assert ch05.standardised_lower_bound(np.full(3, 0.2)) == math.inf
+    assert ch05.standardised_lower_bound(np.full(3, -0.2)) == -math.inf
+    # its pass rate at the margin -0.5 with no true difference is the Student t tail the registry approximates
+    n, margin = 48, -0.5
+    exact = student_t.sf(1.959963984540054 + margin * math.sqrt(n), n - 1)
+    assert pass_probability("mean_lower_bound", n, 0.0, ">", margin) == pytest.approx(exact, abs=0.01)
+
+
+def test_detectable_effect_has_the_asked_power():
+    p = Prediction("x", "c", "s", "mean_lower_bound", "> 0", {"smoke": 3, "ci": 48, "full": 96}, "prompts",
+                   0.8, "stated", 0.0)
+    d = ch05.detectable_effect(p, 48)
+    assert pass_probability("mean_lower_bound", 48, d, ">", 0.0) == pytest.approx(0.8, abs=1e-6)
+    assert ch05.detectable_effect(p, 96) < d
+    assert ch05.detectable_effect(p, 3) > 1.0
+
+
+def test_failure_reading_distinguishes_not_detected_from_not_there():
+    assert "detected" in ch05.failure_reading("reproduced", 0.8, 0.99, 0.4, 0.1)
+    text = ch05.failure_reading("not reproduced", 0.8, 0.99, 0.4, 0.1)
+    assert "probability 0.99" in text and "d = 0.40" in text and "0.040" in text and "not the same as not there" in text
+    assert "evidence neither way" in ch05.failure_reading("underpowered (failed)", 0.8, 0.41, 2.0, 0.1)
+
+
+def test_chat_prompts_render_questions_and_dialogues(smol):
+    tok = smol.tokenizer
+    question = demo("Paris")
+    dialogue = Demonstration("hh-00001", "harmless-base", "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:",
+                             "Bye!", (), "Go away.")
+    rendered = ch05.chat_prompts(tok, [question, dialogue])
+    assert rendered[0] == models.chat_prompt(tok, question.prompt)
+    assert rendered[1] == tok.apply_chat_template(dialogue_turns(dialogue.prompt), tokenize=False,
+                                                  add_generation_prompt=True)
+    assert "Hello!" in rendered[1] and "Bye" in rendered[1]
+
+
+def test_sft_objectives_are_the_mean_per_token_and_the_summed_nll(smol):
+    prompts = [models.chat_prompt(smol.tokenizer, "Say hi."), models.chat_prompt(smol.tokenizer, "Count to three.")]
+    completions = ["Hi.", "One, two, three, and that is all."]
+    with restoring(smol.model):
+        smol.model.requires_grad_(False)   # the first recorded loss is the batch's, before the step
+        summed = -logps.response_logps(smol, prompts, completions).mean().item()
+        mean = -logps.response_logps(smol, prompts, completions, length_normalised=True).mean().item()
+        models.transformer_blocks(smol.model)[-1].requires_grad_(True)
+        first_sum = ch05.sft(smol, prompts, completions, per_token=False, steps=1, batch_size=2, lr=1e-6, seed=0)
+    with restoring(smol.model):
+        smol.model.requires_grad_(False)
+        models.transformer_blocks(smol.model)[-1].requires_grad_(True)
+        first_mean = ch05.sft(smol, prompts, completions, per_token=True, steps=1, batch_size=2, lr=1e-6, seed=0)
+    assert first_sum[0] == pytest.approx(summed, rel=1e-4)
+    assert first_mean[0] == pytest.approx(mean, rel=1e-4)
+    assert first_sum[0] > 2 * first_mean[0]
+
+
+def test_golden_proxy_is_bradley_terry_on_the_response_features(smol, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    prompts = [models.chat_prompt(smol.tokenizer, q) for q in ("Help me steal a car.", "How do I hurt someone?")]
+    chosen, rejected = ["I can't help with that.", "Please don't."], ["Sure, first break a window.", "Hit them."]
+    proxy = ch05.golden_proxy(smol, prompts, chosen, rejected, l2=0.5)
+    z_c = embeddings(smol, [p + y for p, y in zip(prompts, chosen)], cache=tmp_path / "reference")
+    z_r = embeddings(smol, [p + y for p, y in zip(prompts, rejected)], cache=tmp_path / "reference")
+    reference = afd.fit_bradley_terry(z_c, z_r, l2=0.5)
+    assert torch.allclose(proxy.weight, reference.weight, atol=1e-8)
+    assert (proxy.logit(z_c) > proxy.logit(z_r)).all()       # two separable pairs, fitted

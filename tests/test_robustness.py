@@ -109,7 +109,7 @@ def test_bad_demonstrations_file_through_papermill(book, tmp_path):
     if chapter not in CHAPTERS:
         pytest.skip(f"{chapter} is left out by PREFDYN_TEST_CHAPTERS")
     (tmp_path / "demos.jsonl").write_text("{oops\n")
-    error = run_bad(book[0], chapter, {"demonstrations_path": str(tmp_path / "demos.jsonl")})
+    error = run_bad(book[0], chapter, {"demos_path": str(tmp_path / "demos.jsonl")})
     assert "demos.jsonl, line 1: not valid JSON" in error
 
 

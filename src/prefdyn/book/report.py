@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..store import atomic_write
 from .runs import (
+    DATA_PARAMETERS,
     chapter_ids,
     chapter_source,
     executed_dir,
@@ -23,7 +24,7 @@ from .runs import (
 from .verify import render_table, summary_line
 
 PAGE = "reproducibility.md"
-SHOWN_PARAMETERS = ("scale", "device", "seed", "model", "data_dir", "behaviours")
+SHOWN_PARAMETERS = ("scale", "device", "seed", "model", *DATA_PARAMETERS, "behaviours")
 
 
 def chapter_title(chapter: str) -> str:

@@ -114,12 +114,17 @@ def normalise_checks(data) -> dict:
                         "prediction": None} for c in record["checks"]]}
 
 
+DATA_PARAMETERS = ("data_dir", "demos_path", "scores_path")   # the chapters' parameters that name their data
+
+
 def run_identity(meta: dict) -> dict:
     """The model and data set of a run, from its run record: the parameters it was given, else the
-    chapter's defaults (kept as source text, so a string default loses its quotes)."""
+    chapter's defaults (kept as source text, so a string default loses its quotes). The data is the
+    first data parameter given (:data:`DATA_PARAMETERS`); ``None`` means the book's own data."""
     params, defaults = meta.get("parameters", {}), meta.get("defaults", {})
     model = params.get("model") or defaults.get("model")
-    return {"model": model.strip('"') if isinstance(model, str) else model, "data": params.get("data_dir")}
+    data = next((params[k] for k in DATA_PARAMETERS if params.get(k)), None)
+    return {"model": model.strip('"') if isinstance(model, str) else model, "data": data}
 
 
 def is_failure(check: dict) -> bool:

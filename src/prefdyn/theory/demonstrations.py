@@ -1,29 +1,33 @@
 r"""Alignment from demonstrations (AfD): Sun & van der Schaar, "Inverse-RLignment", arXiv:2405.15624.
 
-The chapter ``ch05-alignment-from-demonstrations`` derives, and this module computes:
+Section numbers are the paper's (its method sections, readable as LaTeX: Sec. 2 frames alignment as
+an MDP, Sec. 3 derives the algorithms; its experiments are Sec. 4). The chapter
+``ch05-alignment-from-demonstrations`` derives, and this module computes:
 
-* **the toy MDP** (Sec. 2 of the paper): generation as a deterministic-transition MDP whose state
-  is the prefix and whose action is the next token. :class:`TokenTree` enumerates every response of
-  at most ``T`` tokens over a small vocabulary, so trajectory distributions ``d^pi(y)``, state
-  occupancies ``rho^pi(s)`` and every KL are exact finite sums;
-* **forward KL = SFT** (the paper's Sec. 3.1): :func:`forward_kl_three_ways` returns the
-  trajectory KL ``KL(d^beta || d^pi)``, the occupancy-weighted per-state KL
-  ``sum_s rho^beta(s) KL(pi_beta(.|s) || pi(.|s))`` and the SFT form
-  ``E_{d^beta}[-log d^pi] - H(d^beta)``, equal by the chain rule;
-* **mass-covering vs mode-seeking** (Sec. 3.2, a cited fact in the paper): :func:`fit_gaussian`
-  fits one Gaussian to a density on a grid by forward or reverse KL;
-* **the discriminator** (Sec. 3.2 and 4): :func:`fit_logistic` is (weighted, L2-regularised)
-  logistic regression; at the population optimum its logit is ``log d^+ - log d^-`` plus the log
-  prior odds, the IRL reward model of the paper ("the reward is the discriminator's logit");
-* **extrapolation** (Sec. 4): :func:`extrapolate` gives ``pi_SFT^{1+lambda} pi_0^{-lambda}``, the
-  KL-regularised optimum from ``pi_SFT`` with the Init-SFT log-ratio reward;
-* **Best-of-N**: :func:`best_of_n_distribution` (exact pmf ``F(y)^N - F^-(y)^N``, shared equally
-  within reward ties in proportion to ``pi``), :func:`bon_kl_bound` (``log N - (N-1)/N``, Beirami
-  et al. 2024, Thm. 3.1) and :func:`expected_best_of_n` (the unbiased order-statistics estimator
-  from a pool of ``M >= N`` samples);
-* **the real-model experiment**: the shipped demonstration set (:func:`load_demonstrations`), its
-  golden criterion (:func:`golden_score`) and a minimal SFT loop (:func:`sft_train`) on
-  :func:`prefdyn.objectives.sft_nll`.
+* **the toy MDP** (Sec. 2.1): generation as a deterministic-transition MDP whose state is the prefix
+  and whose action is the next token. :class:`TokenTree` enumerates every response of at most ``T``
+  tokens over a small vocabulary, so trajectory distributions ``d^pi(y)``, state occupancies
+  ``rho^pi(s)`` and every KL are exact finite sums; :func:`tabular_policy` realises any distribution
+  over the responses as a tabular policy;
+* **forward KL = SFT, and mass-covering** (Sec. 3.1, the forward-KL part and its take-away box, where
+  mass-covering versus mode-seeking is a cited fact): :func:`forward_kl_three_ways` returns the
+  trajectory KL ``KL(d^beta || d^pi)``, the occupancy-weighted per-state KL and the SFT form
+  ``E_{d^beta}[-log d^pi] - H(d^beta)``, equal by the chain rule; :func:`population_sft_loss` is the
+  summed or the mean per-token SFT loss, whose minimiser :func:`per_token_sft_optimum` is
+  ``d^beta(y)/|y|`` renormalised; :func:`fit_gaussian` fits one Gaussian by forward or reverse KL;
+* **the discriminator** (Sec. 3.1, reverse KL: ``D* = d^beta/(d^beta + d^pi)``; Sec. 3.2, the IRL
+  reward model "the reward is the discriminator's logit"): :func:`fit_logistic` is (weighted,
+  L2-regularised) logistic regression; at the population optimum its logit is ``log d^+ - log d^-``
+  plus the log prior odds; :func:`fit_bradley_terry` is the preference baseline (BT-RM) of Table 1;
+* **extrapolation** (Sec. 3.2, "extrapolating over reward models"): :func:`extrapolate` gives
+  ``pi_SFT^{1+lambda} pi_0^{-lambda}``, the KL-regularised optimum from ``pi_SFT`` with the Init-SFT
+  log-ratio reward; :func:`toy_sft` is the toy's early-stopped SFT and :func:`extrapolation_curve`
+  the forward KL to the demonstrator along the extrapolation;
+* **Best-of-N** (the paper's evaluation, Sec. 4): :func:`best_of_n_distribution` (exact pmf
+  ``F(y)^N - F^-(y)^N``, shared within reward ties in proportion to ``pi``), :func:`bon_kl` (its KL
+  from ``pi``), :func:`bon_kl_bound` (``log N - (N-1)/N``, Beirami et al. 2024, Thm. 3.1; strict on a
+  finite set for ``N >= 2``) and :func:`expected_best_of_n` (the unbiased order-statistics estimator
+  from a pool of ``M >= N`` samples).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ class TokenTree:
     (EOS ends a response, so it never occurs inside a state); states are the prefixes of length
     ``0 .. T-1``, indexed in :attr:`states`. A response ends at EOS or is cut off after ``T``
     tokens, as ``max_new_tokens`` does. The transition ``s' = s + (a,)`` is deterministic: the
-    MDP of the paper's Sec. 2 with the prompt fixed.
+    MDP of the paper's Sec. 2.1 with the prompt fixed.
     """
 
     n_words: int
@@ -76,6 +80,11 @@ class TokenTree:
         cut = list(itertools.product(range(self.n_words), repeat=self.T))
         return ended + cut
 
+    @property
+    def lengths(self) -> Tensor:
+        """``|y|``, the number of tokens of every response (its EOS included), float64."""
+        return torch.tensor([len(y) for y in self.responses], dtype=torch.float64)
+
     def steps(self) -> list[list[tuple[int, int]]]:
         """For each response, its (state index, action) pairs in order."""
         index = {s: i for i, s in enumerate(self.states)}
@@ -90,6 +99,21 @@ def trajectory_logprobs(tree: TokenTree, logits: Tensor) -> Tensor:
     """``log d^pi(y) = sum_t log pi(y_t | s_t)`` for every response of ``tree`` (paper's d^pi(y|x))."""
     log_pi = F.log_softmax(logits, -1)
     return torch.stack([sum(log_pi[s, a] for s, a in path) for path in tree.steps()])
+
+
+def tabular_policy(tree: TokenTree, log_d: Tensor) -> Tensor:
+    """Logits of the tabular policy whose trajectory distribution is ``exp(log_d)`` (any distribution
+    over ``tree.responses`` with full support): by the chain rule ``pi(a | s) = m(s + (a,)) / m(s)``,
+    with ``m(s)`` the mass of the responses that pass through the prefix ``s`` (for ``a`` = EOS, the
+    mass of the response ``s + (EOS,)``). So ``trajectory_logprobs(tree, tabular_policy(tree, log_d))
+    == log_d``: every distribution over responses is a policy of the token MDP."""
+    d = log_d.exp()
+    index = {s: i for i, s in enumerate(tree.states)}
+    mass = torch.zeros(len(tree.states), tree.n_actions, dtype=d.dtype)
+    for j, y in enumerate(tree.responses):
+        for t in range(len(y)):
+            mass[index[y[:t]], y[t]] += d[j]
+    return mass.log()
 
 
 def state_occupancy(tree: TokenTree, logits: Tensor) -> Tensor:
@@ -107,7 +131,8 @@ def state_occupancy(tree: TokenTree, logits: Tensor) -> Tensor:
 
 
 def forward_kl_three_ways(tree: TokenTree, logits_beta: Tensor, logits_pi: Tensor) -> dict[str, Tensor]:
-    """The forward KL between demonstrator ``beta`` and policy ``pi``, three ways (chapter, Thm. 1).
+    """The forward KL between demonstrator ``beta`` and policy ``pi``, three ways (chapter,
+    thm-forward-kl-sft; the paper's forward-KL equation of Sec. 3.1).
 
     * ``trajectory``: ``sum_y d^beta(y) log(d^beta(y) / d^pi(y))``;
     * ``occupancy``: ``sum_s rho^beta(s) KL(pi_beta(.|s) || pi(.|s))``;
@@ -120,10 +145,26 @@ def forward_kl_three_ways(tree: TokenTree, logits_beta: Tensor, logits_pi: Tenso
     log_beta_a, log_pi_a = F.log_softmax(logits_beta, -1), F.log_softmax(logits_pi, -1)
     per_state = (log_beta_a.exp() * (log_beta_a - log_pi_a)).sum(-1)
     occupancy = (state_occupancy(tree, logits_beta) * per_state).sum()
-    nll = (d_beta * objectives.sft_nll(lp)).sum()
+    nll = population_sft_loss(tree, lb, logits_pi, per_token=False)
     entropy = -(d_beta * lb).sum()
     return {"trajectory": trajectory, "occupancy": occupancy, "sft": nll - entropy, "sft_nll": nll,
             "entropy": entropy}
+
+
+def population_sft_loss(tree: TokenTree, log_d_beta: Tensor, logits_pi: Tensor, per_token: bool) -> Tensor:
+    """The SFT loss on the demonstrator's whole distribution: ``E_{d^beta}[-log d^pi(y)]`` (the summed
+    NLL, the forward KL of thm-forward-kl-sft up to ``H(d^beta)``) or, with ``per_token``,
+    ``E_{d^beta}[-log d^pi(y) / |y|]`` (the mean per-token NLL that :func:`prefdyn.objectives.sft_nll`
+    gives with the lengths; chapter, prop-per-token-sft)."""
+    nll = objectives.sft_nll(trajectory_logprobs(tree, logits_pi), tree.lengths if per_token else None)
+    return (log_d_beta.exp() * nll).sum()
+
+
+def per_token_sft_optimum(tree: TokenTree, log_d_beta: Tensor) -> Tensor:
+    """``log q`` with ``q(y) = d^beta(y) / |y| / Z``: the minimiser of the mean per-token SFT loss over all
+    distributions on the responses (chapter, prop-per-token-sft). It is ``d^beta`` only if every
+    response has the same length: the per-token mean weights each demonstration by ``1/|y|``."""
+    return torch.log_softmax(log_d_beta - tree.lengths.log(), -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +244,8 @@ def fit_logistic(positive: Tensor, negative: Tensor, l2: float = 0.0, pos_weight
     over ``f(z) = w.z + b``, with per-example weights (default 1; a *population* loss when the
     weights are probabilities). Without ``l2`` and with enough capacity (e.g. one-hot features), the
     minimiser satisfies ``sigma(f(z)) = D*(z) = w_+ d^+(z) / (w_+ d^+(z) + w_- d^-(z))``, so the logit
-    is ``log d^+(z) - log d^-(z)`` plus the log prior odds — the paper's IRL reward (Sec. 3.2, 4).
+    is ``log d^+(z) - log d^-(z)`` plus the log prior odds — the paper's ``D*`` (Sec. 3.1) and its
+    IRL reward ``log D - log(1 - D)`` (Sec. 3.2); chapter, thm-discriminator.
     ``L`` is convex, so damped Newton steps (minimum-norm solutions where the Hessian is singular,
     halved until ``L`` does not rise) converge to machine precision in a few dozen iterations.
     Features are standardised with the pooled mean and standard deviation (``standardize``).
@@ -253,10 +295,46 @@ def classification_accuracy(model: LogisticModel, positive: Tensor, negative: Te
     return 0.5 * ((model.logit(positive) > 0).double().mean().item() + (model.logit(negative) <= 0).double().mean().item())
 
 
+def fit_bradley_terry(preferred: Tensor, dispreferred: Tensor, l2: float = 0.0) -> LogisticModel:
+    r"""The preference baseline of the paper's Table 1 (BT-RM): a linear reward ``r(z) = w . z / scale``
+    fitted by maximum likelihood under Bradley-Terry, ``P(y_w > y_l) = sigma(r(z_w) - r(z_l))``, with
+    the L2 penalty ``l2`` on the standardised weights.
+
+    It is :func:`fit_logistic` on the differences ``z_w - z_l`` (label 1) and ``z_l - z_w`` (label 0):
+    the logistic loss of the two is ``softplus(-f(z_w - z_l)) + softplus(f(z_l - z_w))``, twice the
+    Bradley-Terry loss once the bias vanishes, and it does (the loss is even in the bias, so its
+    minimiser is 0). The pooled differences have mean 0, so the returned model's ``logit(z)`` is the
+    reward ``r(z)`` itself, defined up to the constant that BT cannot identify."""
+    diff = preferred.to(torch.float64) - dispreferred.to(torch.float64)
+    return fit_logistic(diff, -diff, l2=l2)
+
+
 def extrapolate(log_pi_sft: Tensor, log_pi_init: Tensor, lam: float) -> Tensor:
     """``log`` of ``pi_SFT^{1+lam} pi_0^{-lam} / Z``: the optimum of KL-regularised optimisation from
-    ``pi_SFT`` with strength ``1/lam`` and reward ``log pi_SFT - log pi_0`` (chapter, Thm. 4)."""
+    ``pi_SFT`` with strength ``1/lam`` and reward ``log pi_SFT - log pi_0`` (chapter, thm-extrapolation)."""
     return torch.log_softmax((1 + lam) * log_pi_sft - lam * log_pi_init, -1)
+
+
+def toy_sft(tree: TokenTree, logits_beta: Tensor, logits_0: Tensor, steps: int, lr: float) -> Tensor:
+    """Early-stopped SFT in the toy: ``steps`` steps of gradient descent (learning rate ``lr``) on the
+    exact summed SFT loss toward ``pi_beta``, from ``pi_0``'s logits. Returns the SFT policy's logits."""
+    theta = logits_0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([theta], lr=lr)
+    log_d_beta = trajectory_logprobs(tree, logits_beta)
+    for _ in range(steps):
+        opt.zero_grad()
+        population_sft_loss(tree, log_d_beta, theta, per_token=False).backward()
+        opt.step()
+    return theta.detach()
+
+
+def extrapolation_curve(log_pi_sft: Tensor, log_pi_init: Tensor, log_d_beta: Tensor,
+                        lambdas: Sequence[float]) -> np.ndarray:
+    """``KL(d^beta || pi_lambda)`` for each ``lambda``, with ``pi_lambda`` the extrapolation
+    :func:`extrapolate` (``lambda = 0``: ``pi_SFT``); chapter, thm-extrapolation."""
+    d_beta = log_d_beta.exp()
+    return np.array([(d_beta * (log_d_beta - extrapolate(log_pi_sft, log_pi_init, lam))).sum().item()
+                     for lam in lambdas])
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,9 +360,17 @@ def best_of_n_distribution(log_p: Tensor, reward: Tensor, N: int) -> Tensor:
     return p / mass[cls] * (le[cls] ** N - lt[cls] ** N)
 
 
+def bon_kl(log_p: Tensor, reward: Tensor, N: int) -> float:
+    """``KL(pi_N || p)`` of the Best-of-N distribution (:func:`best_of_n_distribution`) from ``p``."""
+    bon = best_of_n_distribution(log_p, reward, N)
+    return (torch.special.xlogy(bon, bon) - bon * log_p).sum().item()
+
+
 def bon_kl_bound(N: int | np.ndarray) -> np.ndarray | float:
-    """``log N - (N-1)/N``: an upper bound on ``KL(BoN || p)``, exact when no reward ties have
-    positive probability (Beirami et al. 2024, Thm. 3.1)."""
+    """``log N - (N-1)/N``: an upper bound on ``KL(pi_N || p)`` (Beirami et al. 2024, Thm. 3.1; chapter,
+    thm-bon). On a finite set it is strict for every ``N >= 2``, with or without reward ties: the
+    density ``N u^(N-1)`` it integrates is not constant on any reward class of positive mass. It is
+    attained only in the atomless limit (and at ``N = 1``, where both sides are 0)."""
     N = np.asarray(N, dtype=float)
     return np.log(N) - (N - 1) / N
 
