@@ -48,14 +48,18 @@ def test_binomial_se_by_hand():
     assert ch03.binomial_se(0.0, 100) == pytest.approx(0.01, abs=1e-15)   # the floor 1/n: sqrt(1/100/100)
 
 
+GOOD = dict(beta=0.1, lr_fraction=0.75, lr_full=5e-5, held_out=0.2, adam_beta=0.01, adam_lr=1e-3, adam_held_out=0.1)
+
+
 def test_check_parameters_rejects_bad_values():
-    ch03.check_parameters(beta=0.1, lr_fraction=0.75, lr_full=5e-5, held_out=0.2)
+    ch03.check_parameters(**GOOD)
+    for name, bad, match in (("beta", 0.0, "beta"), ("adam_beta", -1.0, "adam_beta"), ("adam_lr", 0, "adam_lr"),
+                             ("held_out", 1.0, "held_out"), ("adam_held_out", 0.0, "adam_held_out"),
+                             ("lr_fraction", 1.0, "below 1")):
+        with pytest.raises(ValueError, match=match):
+            ch03.check_parameters(**{**GOOD, name: bad})
     with pytest.raises(ParameterError, match="beta"):
-        ch03.check_parameters(beta=0.0, lr_fraction=0.75, lr_full=5e-5, held_out=0.2)
-    with pytest.raises(ValueError, match="held_out"):
-        ch03.check_parameters(beta=0.1, lr_fraction=0.75, lr_full=5e-5, held_out=1.0)
-    with pytest.raises(ValueError, match="below 1"):
-        ch03.check_parameters(beta=0.1, lr_fraction=1.0, lr_full=5e-5, held_out=0.2)
+        ch03.check_parameters(**{**GOOD, "beta": 0.0})
 
 
 def test_run_config_against_autograd_and_closed_forms():
@@ -99,6 +103,17 @@ def test_run_config_against_autograd_and_closed_forms():
     assert "rho_L" not in ch03.run_config(K, Q, d, v, l_b, seed, beta=beta, steps=steps, n_test=n_test, max_rates_N=N - 1)
 
 
+def test_run_config_with_shared_tokens_reports_reuse_and_the_appendix_bound():
+    K, Q, d, v, l_b = 4, 5, 8, 0.1, 0.25
+    row = ch03.run_config(K, Q, d, v, l_b, 1, beta=1.0, steps=8, n_test=5, Z=3)
+    assert (row["Z"], row["M"]) == (3, 6)
+    tokens = gen.cluster_tokens(K, Z=3)
+    assert torch.equal(row["data"].chosen_of, tokens[0]) and torch.equal(row["data"].rejected_of, tokens[1])
+    eps = 1 / (16 * v * 5)
+    assert row["b4"] == pytest.approx(2 * K * Q**2 * math.exp(-eps**2 / (2 * (1 + l_b**2 + d * v**2 + 2 * eps * v))))
+    assert math.exp(row["log_bound"]) == pytest.approx(row["bound"], rel=1e-9)
+
+
 def test_run_config_gives_no_guarantee_outside_the_hypothesis():
     row = ch03.run_config(2, 6, 5, 3.0, 0.5, 0, beta=1.0, steps=10, n_test=5, rates=False)
     r = row["run"].train.numpy()
@@ -132,6 +147,68 @@ def test_last_layer_run_against_autograd_on_the_yes_no_rows():
         r = beta * ((W[chosen] - W[rejected]) * G_tr[m_tr]).sum(1)
         weight = torch.sigmoid(-r)[:, None] * G_tr[m_tr] * (lr * beta / len(r))
         W = W.index_add(0, chosen, weight).index_add(0, rejected, -weight)
+
+
+def test_last_layer_run_with_adam_against_torch_adam_on_the_yes_no_rows():
+    g = torch.Generator().manual_seed(6)
+    G_tr, G_te = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    s_tr, s_te = torch.tensor([1, -1, -1] * 4), torch.tensor([1, -1] * 3)
+    own_tr, own_te = np.array(list("ab") * 6), np.array(list("ab") * 3)
+    u_ref = torch.randn(4, generator=g, dtype=torch.float64)
+    beta, lr, steps = 0.01, 1e-2, 7
+    out = ch03.last_layer_run((G_tr, s_tr, own_tr), (G_te, s_te, own_te), ["b"], u_ref=u_ref, beta=beta, lr=lr,
+                              steps=steps, optimizer="adam")
+    m_tr, m_te = own_tr == "b", own_te == "b"
+    W = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)       # rows: Yes = 0, No = 1
+    opt = torch.optim.Adam([W], lr=lr)
+    sign_tr, sign_te = s_tr[m_tr].double(), s_te[m_te].double()
+    for t in range(steps + 1):
+        r = beta * sign_tr * (G_tr[m_tr] @ (W[0] - W[1]))
+        assert torch.allclose(out.train_margins[t], r.detach(), atol=1e-12, rtol=0)
+        r_te = beta * sign_te * (G_te[m_te] @ (W[0] - W[1]))
+        assert torch.allclose(out.test_margins[t], r_te.detach(), atol=1e-12, rtol=0)
+        opt.zero_grad()
+        (-torch.nn.functional.logsigmoid(r).mean()).backward()
+        opt.step()
+    assert ch03.final_train_margin(out) == pytest.approx(out.train_margins[-1].mean().item())
+    assert ch03.held_out_error(out) == pytest.approx(float(np.mean(out.test_margins[-1].numpy() <= 0)))
+    with pytest.raises(ValueError, match="optimizer"):
+        ch03.last_layer_run((G_tr, s_tr, own_tr), (G_te, s_te, own_te), ["b"], u_ref=u_ref, beta=beta, lr=lr,
+                            steps=1, optimizer="sgd")
+
+
+def test_split_features_regroups_rows_by_example():
+    examples = [SimpleNamespace(q=i) for i in range(5)]
+    G = torch.arange(10.0).reshape(5, 2)
+    s = torch.tensor([1, -1, 1, -1, 1])
+    own = np.array(list("aabbc"))
+    (G1, s1, o1), (G2, s2, o2) = ch03.split_features(examples, (G, s, own), ([examples[3], examples[0]], [examples[4]]))
+    assert torch.equal(G1, G[[3, 0]]) and torch.equal(s1, s[[3, 0]]) and o1.tolist() == ["b", "a"]
+    assert torch.equal(G2, G[[4]]) and o2.tolist() == ["c"]
+    with pytest.raises(ValueError, match="not among"):
+        ch03.split_features(examples, (G, s, own), ([SimpleNamespace(q=0)],))
+
+
+def test_subset_sweep_by_K_and_error_trend_against_scipy():
+    from scipy.stats import linregress
+
+    names = list("abcdef")
+    fake = lambda subset: SimpleNamespace(K=len(subset), subset=subset,
+                                          train_margins=torch.full((2, 3), float(len(subset))),
+                                          test_margins=torch.tensor([[0.0] * 6, [1.0] * (6 - len(subset)) + [-1.0] * len(subset)]))
+    runs = ch03.subset_sweep(fake, names, [1, 3, 6], 4, seed=5)
+    assert [r.K for r in runs] == [1] * 4 + [3] * 4 + [6]
+    assert all(len(set(r.subset)) == r.K and r.subset == sorted(r.subset) for r in runs)
+    assert [r.subset for r in runs] == [r.subset for r in ch03.subset_sweep(fake, names, [1, 3, 6], 4, seed=5)]
+    assert np.allclose(ch03.by_K(runs, [1, 3, 6], ch03.final_train_margin), [1, 3, 6])
+    err = ch03.by_K(runs, [1, 3, 6], ch03.held_out_error)
+    assert np.allclose(err, [1 / 6, 3 / 6, 1.0])
+    trend = ch03.error_trend(runs, [1, 3, 6], n_boot=20, seed=0)
+    fit = linregress([1, 3, 6], err)
+    assert trend["slope"] == pytest.approx(fit.slope) and trend["intercept"] == pytest.approx(fit.intercept)
+    assert trend["r2"] == pytest.approx(fit.rvalue**2) and np.allclose(trend["error"], err)
+    lo, hi = trend["slope_interval"]
+    assert lo < hi and lo <= trend["slope"] <= hi      # seeded resamples of the held-out statements
 
 
 def test_reference_from_features_is_the_softmax_of_the_head():

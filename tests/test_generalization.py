@@ -189,9 +189,196 @@ def test_exact_risk_matches_monte_carlo():
     assert np.allclose(np.exp(gen.exact_risk(dW, data, 1.0, log=True)), exact)
 
 
-def test_paper_bound_numbers():
-    assert gen.paper_bound(10, 875) == pytest.approx(0.0548, abs=5e-4)
-    assert gen.paper_bound(10, 880) < 0.05
+def test_paper_bound_and_figure_4_against_lambert_w():
+    """2KQ^2 e^(-Q/r) = p on its falling branch is Q = -2r W_{-1}(-sqrt(p/2K)/(2r)) (Lambert W, branch -1):
+    Q e^(-Q/2r) = sqrt(p/2K), so (-Q/2r) e^(-Q/2r) = -sqrt(p/2K)/(2r). Figure 4 and the K = 10 remark."""
+    from scipy.special import lambertw
+
+    def lambert_Q(K, p, rate):
+        return -2 * rate * lambertw(-math.sqrt(p / (2 * K)) / (2 * rate), -1).real
+
+    for K in (1, 10, 100, 1000, 3.7):
+        for rate in (45.0, 23.3):
+            assert gen.required_Q(K, 0.05, rate) == pytest.approx(lambert_Q(K, 0.05, rate), rel=1e-9)
+    assert [round(gen.required_Q(K)) for K in (1, 10, 100, 1000)] == [763, 880, 994, 1108]
+    q10 = lambert_Q(10, 0.05, 45.0)
+    assert 875 < q10 < 880                       # "K = 10 requires more than 875 samples per value"
+    assert gen.paper_bound(10, 875) > 0.05 > gen.paper_bound(10, 880)
+    assert gen.paper_bound(10, q10) == pytest.approx(0.05, rel=1e-9)
+
+
+def test_the_closed_form_follows_from_the_union_bound_of_appendix_b4():
+    """Over a grid of everything the conditions allow (Z l_b^2 <= 1/4, 1/4 <= l_b <= 1/2, d <= 5Q,
+    v = 1/(32 sqrt Q), Q >= 40), the Appendix B.4 bound at eps = 1/(16 v (Z+2)) never exceeds
+    2KQ^2 e^(-Q/45), nor the book's 2KQ^2 e^(-Q/(18 * bracket_max)); the bracket's largest value on the
+    grid is bracket_max."""
+    worst_bracket = 0.0
+    for Q in (40, 100, 763, 5000):
+        v = 1 / (32 * math.sqrt(Q))
+        for l_b in np.linspace(0.25, 0.5, 11):
+            for Z in range(1, 5):
+                if Z * l_b**2 > 0.25 + 1e-12:
+                    continue
+                eps = 1 / (16 * v * (Z + 2))
+                assert eps == pytest.approx(2 * math.sqrt(Q) / (Z + 2)) and eps >= math.sqrt(Q) / 3 - 1e-12
+                for d in (1, Q, 5 * Q):
+                    bracket = 1 + l_b**2 + d * v**2 + 2 * eps * v
+                    worst_bracket = max(worst_bracket, bracket)
+                    by_hand = 2 * 3 * Q**2 * math.exp(-eps**2 / (2 * bracket))
+                    b4 = gen.union_bound_b4(3, Q, Z, l_b, d, v)
+                    assert b4 == pytest.approx(by_hand, rel=1e-12)
+                    assert b4 <= gen.paper_bound(3, Q) and b4 <= gen.paper_bound(3, Q, 18 * gen.bracket_max()) * (1 + 1e-12)
+    assert worst_bracket == pytest.approx(gen.bracket_max(), rel=1e-12)
+    assert 18 * gen.bracket_max() == pytest.approx(23.34, abs=0.01) and 2 * 9 * 2.5 == 45
+
+
+def test_the_confidence_term_is_at_least_one_up_to_vacuity_Q():
+    """The failure floor 8KQ^(9/4) e^(-Q^(3/4)/256) >= 1 on a dense grid below vacuity_Q (about 1.43e5
+    for K = 1) and < 1 just above it; it is below the theorem's failure term for any constant c."""
+    for K in (1, 10, 1000):
+        q0 = gen.vacuity_Q(K)
+        Q = np.unique(np.geomspace(1, q0 * (1 - 1e-9), 20000))
+        log_floor = math.log(8 * K) + 2.25 * np.log(Q) - Q**0.75 / 256   # by hand, in logs
+        assert np.all(log_floor >= -1e-9) and np.all(gen.paper_failure_floor(K, Q) >= 1 - 1e-9)
+        assert gen.paper_failure_floor(K, q0 * 1.001) < 1
+    assert gen.vacuity_Q(1) == pytest.approx(1.43e5, rel=0.01)
+    for c in (1e-3, 1.0, 1e3):
+        Q = np.array([40.0, 880.0, 1e5])
+        full = 8 * Q**2.25 * np.exp(-np.minimum(c * np.sqrt(Q) / 5, Q**0.75 / 256))
+        assert np.all(gen.paper_failure_floor(1, Q) <= full * (1 + 1e-12))
+
+
+def test_paper_conditions_at_their_boundaries():
+    ok = gen.paper_conditions(4, 0.25, 200, 1 / (32 * math.sqrt(40)), 40)
+    assert all(ok.values())
+    assert not gen.paper_conditions(5, 0.25, 200, 0.001, 40)["Z ≤ 1/(4 l_b²)"]
+    assert not gen.paper_conditions(2, 0.5, 200, 0.001, 40)["Z ≤ 1/(4 l_b²)"]
+    assert not gen.paper_conditions(1, 0.5, 201, 0.001, 40)["d ≤ 5Q"]
+    assert not gen.paper_conditions(1, 0.5, 10, 1.0001 / (32 * math.sqrt(40)), 40)["v ≤ 1/(32√Q)"]
+    assert not gen.paper_conditions(1, 0.51, 10, 0.001, 40)["1/4 ≤ l_b ≤ 1/2"]
+    assert not gen.paper_conditions(1, 0.5, 10, 0.001, 39)["Q ≥ 40"]
+
+
+def test_book_train_conditions_at_their_boundaries():
+    # delta (1 + M/2) + M l_b^2/2 <= 3/4, delta < 1 - l_b^2, d v^2 <= 2Q
+    assert gen.book_train_conditions(0.75, 0, 0.25, 10, 0.1, 40)
+    assert not gen.book_train_conditions(0.7501, 0, 0.25, 10, 0.1, 40)
+    assert not gen.book_train_conditions(0.75, 0, 0.5, 10, 0.1, 40)       # delta < 1 - l_b^2 is strict
+    assert gen.book_train_conditions(0.625 / 3 - 1e-12, 4, 0.25, 10, 0.1, 40)   # 3 delta + 1/8 <= 3/4
+    assert not gen.book_train_conditions(0.625 / 3 + 1e-9, 4, 0.25, 10, 0.1, 40)
+    assert gen.book_train_conditions(0.1, 8, 0.25, 10, 0.1, 40) and not gen.book_train_conditions(0.1001, 8, 0.25, 10, 0.1, 40)
+    assert gen.book_train_conditions(0.0, 0, 0.5, 80, 1.0, 40) and not gen.book_train_conditions(0.0, 0, 0.5, 81, 1.0, 40)
+
+
+def test_token_pairs_reuse_by_brute_force():
+    """Distinct response sets, no token in more than Z pairs, largest reuse min(Z, K); M (other clusters a
+    cluster shares a token with) from the one-hot preference kernel, at most 4(Z-1)."""
+    for K in range(1, 13):
+        for Z in range(1, 5):
+            chosen, rejected, V = gen.cluster_tokens(K, Z=Z)
+            pairs = [frozenset((int(chosen[2 * k]), int(rejected[2 * k]))) for k in range(K)]
+            assert len(set(pairs)) == K and all(len(p) == 2 for p in pairs)
+            uses = [sum(t in p for p in pairs) for t in range(V)]
+            assert max(uses) == min(Z, K) if Z > 1 else max(uses) == 1
+            overlap = gen.preference_overlap(chosen, rejected, chosen, rejected)
+            pair_of = torch.arange(2 * K) // 2
+            other = pair_of[:, None] != pair_of[None, :]
+            M = int(((overlap != 0) & other).sum(1).max()) if K > 1 else 0
+            assert gen.token_reuse(chosen, rejected) == (max(uses), M)
+            assert M <= 4 * (max(uses) - 1)
+            assert set(torch.unique(overlap[other]).tolist()) <= {-1.0, 0.0, 1.0}   # one shared token at most
+    assert gen.token_reuse(*gen.cluster_tokens(8, Z=3)[:2]) == (3, 8)   # 8 > 2Z: the corrected remark
+    data = gen.cluster_data(4, 3, 6, 0.0, 0.25, Z=4)
+    assert data.vocab == 5 and torch.equal(data.chosen_of, gen.cluster_tokens(4, Z=4)[0])
+
+
+def test_risk_floor_against_the_best_direction_and_random_heads():
+    """Phi(-1/v) is the risk of u = c_k for both clusters of a pair, and no head does better."""
+    from scipy.stats import norm
+
+    K, d, v, l_b = 2, 5, 0.4, 0.5
+    data = gen.cluster_data(K, 1, d, v, l_b)
+    dW = torch.zeros(data.vocab, d, dtype=torch.float64)
+    dW[0, 1], dW[1, 1], dW[2, 2], dW[3, 2] = 0.5, -0.5, 0.5, -0.5     # u_k = e_{1+k} = c_k
+    assert np.allclose(gen.exact_risk(dW, data, 1.0), norm.cdf(-1 / v))
+    assert gen.risk_floor(v) == pytest.approx(norm.cdf(-1 / v), rel=1e-14)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        dW = torch.randn(data.vocab, d, generator=rng, dtype=torch.float64)
+        assert gen.exact_risk(dW, data, 1.0).reshape(K, 2).mean(1).min() >= gen.risk_floor(v) - 1e-15
+
+
+def test_log_cluster_bound_far_below_floating_point():
+    norms = torch.tensor([1.0, 1.2], dtype=torch.float64)
+    assert math.exp(gen.cluster_bound(0.3, 0.2, norms, log=True)) == pytest.approx(gen.cluster_bound(0.3, 0.2, norms))
+    assert gen.cluster_bound(-0.1, 0.2, norms, log=True) == 0.0
+    # s*/(v ||g||) = 200 and 1000/6: log Phi(-x) = -x^2/2 - log(x sqrt(2 pi)) + O(1/x^2), the larger term dominates
+    log_b = gen.cluster_bound(1.0, 0.005, norms, log=True)
+    x = 1.0 / (0.005 * 1.2)
+    assert gen.cluster_bound(1.0, 0.005, norms) == 0.0
+    assert log_b == pytest.approx(math.log(2) - x**2 / 2 - math.log(x * math.sqrt(2 * math.pi)), rel=1e-6)
+
+
+def test_adam_last_layer_matches_torch_adam_on_an_explicit_softmax_head():
+    """torch.optim.Adam on the whole head W (V x d, random W_0) with the DPO loss written from log-softmaxes:
+    the margins at every step equal 2 beta s v^T g with v from adam_last_layer."""
+    g = torch.Generator().manual_seed(2)
+    N, d, V, yes, no = 14, 6, 7, 2, 5
+    G = torch.randn(N, d, generator=g, dtype=torch.float64)
+    s = torch.tensor([1, -1] * 7)
+    beta, lr, steps = 0.3, 0.05, 12
+    W0 = torch.randn(V, d, generator=g, dtype=torch.float64)
+    W = W0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=lr)
+    w_tok = torch.where(s == 1, yes, no)
+    l_tok = torch.where(s == 1, no, yes)
+    rows = torch.arange(N)
+    ref = torch.log_softmax(G @ W0.T, -1)
+    vs = gen.adam_last_layer(G, s, beta=beta, lr=lr, steps=steps)
+    for t in range(steps + 1):
+        lp = torch.log_softmax(G @ W.T, -1) - ref
+        r = beta * (lp[rows, w_tok] - lp[rows, l_tok])
+        assert torch.allclose(r.detach(), 2 * beta * s.double() * (G @ vs[t]), atol=1e-10)
+        opt.zero_grad()
+        (-torch.nn.functional.logsigmoid(r).mean()).backward()
+        opt.step()
+    moved = (W.detach() - W0).abs().sum(1)
+    assert torch.all(moved[[i for i in range(V) if i not in (yes, no)]] == 0)
+
+
+def test_gaussian_fit_by_brute_force_and_for_isotropic_clusters():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64) + 2.0
+    groups = ["a"] * 12 + ["b"] * 18
+    fro, dist = [], []
+    for idx in (slice(0, 12), slice(12, 30)):
+        x = X[idx].numpy()
+        x = x / np.mean(np.linalg.norm(x, axis=1))
+        cov = np.cov(x.T, bias=True)
+        fro.append(np.sqrt((cov**2).sum()))
+        dist.append(np.mean([np.sum((row - x.mean(0)) ** 2) for row in x]))
+    assert gen.gaussian_fit(X, groups) == pytest.approx((np.mean(fro), np.mean(dist)), rel=1e-12)
+    # N(mu, s^2 I) in d dimensions with ||mu|| = 1 and s small: ||Sigma||_F ~ s^2 sqrt(d), E||x - mu||^2 ~ d s^2
+    d, sd = 50, 0.02
+    Y = torch.randn(20000, d, generator=g, dtype=torch.float64) * sd
+    Y[:, 0] += 1.0
+    fro1, dist1 = gen.gaussian_fit(Y, ["x"] * len(Y))
+    assert dist1 == pytest.approx(d * sd**2, rel=0.03) and fro1 == pytest.approx(sd**2 * math.sqrt(d), rel=0.05)
+
+
+def test_group_cosines_by_double_loop():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(9, 3, generator=g, dtype=torch.float64) + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    groups = list("aabbbcccc")
+    for centre in (False, True):
+        Y = X - X.mean(0) if centre else X
+        M, names = gen.group_cosines(X, groups, centre=centre)
+        assert names == ["a", "b", "c"]
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                cos = [float(Y[p] @ Y[q] / (Y[p].norm() * Y[q].norm()))
+                       for p in range(9) for q in range(9) if groups[p] == a and groups[q] == b]
+                assert M[i, j] == pytest.approx(np.mean(cos), abs=1e-12)
 
 
 def test_gaussian_plugin_risk():

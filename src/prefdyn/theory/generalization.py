@@ -8,7 +8,8 @@ published as "Can DPO Learn Diverse Human Values? A Theoretical Scaling Law", Ne
 * single-token responses, one-hot ``y_w, y_l``; the DPO reward margin of a sample is
   ``r = beta (y_w - y_l)^T (W - W_0) g(x)`` because the softmax normaliser cancels;
 * ``K`` pairs of Gaussian clusters ``C_{k,+-}: g ~ N(l_b e_0 +- e_{1+k}, v^2 I)`` whose two clusters
-  prefer swapped tokens; ``Q`` samples per cluster, ``N = 2KQ``;
+  prefer swapped tokens, no two pairs with the same two tokens, a token in at most ``Z`` pairs;
+  ``Q`` samples per cluster, ``N = 2KQ``;
 * full-batch gradient descent (or gradient flow ``tau dW/dt = -grad L``) from ``W_0``.
 
 The paper's Lemma 4.1 (the margins obey a closed system driven by the kernel
@@ -16,8 +17,14 @@ The paper's Lemma 4.1 (the margins obey a closed system driven by the kernel
 (linear lower and upper bounds on every training margin up to ``tau_1``) and the Gaussian-tail plus
 union-bound argument behind its Theorem 4.3 are implemented here in the form the chapter
 ``ch03-dpo-generalization`` derives them. The deterministic parts are exact for gradient descent
-too (``t = step * lr`` with ``tau = 1``). Constants that come from the paper and could not be
-checked against it are marked as such where they are used (:func:`paper_bound`).
+too (``t = step * lr`` with ``tau = 1``). The paper's own statements, as its text gives them, are
+here too: the conditions of its Theorems 4.2 and 4.3 (:func:`paper_conditions`), their failure
+probability (:func:`paper_failure_floor`, :func:`vacuity_Q`), the union bound of its Appendix B.4
+(:func:`union_bound_b4`) and the closed form of Theorem 4.3 derived from it (:func:`paper_bound`,
+whose display is not readable in the paper; :func:`required_Q` solves it for its Figure 4). Shared
+tokens (the paper's ``Z``) come from :func:`token_pairs`; the paper's Section 5 diagnostics of real
+features from :func:`gaussian_fit` and :func:`group_cosines`, and its last-layer Adam training from
+:func:`adam_last_layer`.
 
 Time convention: ``tau = 1`` and gradient descent with step ``lr`` is the Euler discretisation of the
 gradient flow, step ``k`` at time ``t = k * lr``.
@@ -54,17 +61,51 @@ class ClusterData:
     vocab: int
 
 
-def cluster_tokens(K: int, shared_tokens: bool = False) -> tuple[Tensor, Tensor, int]:
+def token_pairs(K: int, Z: int) -> list[tuple[int, int]]:
+    """``K`` distinct token pairs in which no token is used by more than ``Z`` pairs: the pairs
+    ``(a, b)``, ``a < b``, in lexicographic order, each kept while both its tokens are used fewer than
+    ``Z`` times. ``Z = 1`` gives ``(0, 1), (2, 3), ...``; ``Z >= 2`` reuses the lowest tokens first,
+    so the largest reuse is ``min(Z, K)``: token 0 is shared by the first ``min(Z, K)`` pairs."""
+    if Z < 1 or K < 1:
+        raise ValueError(f"need K >= 1 and Z >= 1 (K={K}, Z={Z})")
+    uses: dict[int, int] = {}
+    pairs: list[tuple[int, int]] = []
+    a = 0
+    while len(pairs) < K:
+        b = a + 1
+        while uses.get(a, 0) < Z and len(pairs) < K:
+            if uses.get(b, 0) < Z:
+                pairs.append((a, b))
+                uses[a], uses[b] = uses.get(a, 0) + 1, uses.get(b, 0) + 1
+            b += 1
+        a += 1
+    return pairs
+
+
+def cluster_tokens(K: int, shared_tokens: bool = False, Z: int = 1) -> tuple[Tensor, Tensor, int]:
     """Preferred and rejected token of each of the ``2K`` clusters, and the vocabulary size.
 
-    Distinct tokens (the paper's setting with ``Z = 1``): pair ``k`` uses tokens ``(2k, 2k+1)``,
-    ``C_{k,+}`` prefers ``2k`` over ``2k+1`` and ``C_{k,-}`` the reverse. ``shared_tokens=True``: every
-    pair uses tokens ``(0, 1)`` (``Z = K``; the persona Yes/No setting)."""
-    k = torch.arange(K)
-    a, b = (torch.zeros(K, dtype=torch.long), torch.ones(K, dtype=torch.long)) if shared_tokens else (2 * k, 2 * k + 1)
+    Pair ``k`` uses the ``k``-th pair ``(a, b)`` of :func:`token_pairs` (``Z = 1``: its own tokens
+    ``(2k, 2k+1)``; ``Z >= 2``: tokens reused by up to ``Z`` pairs, never the same set twice, the
+    paper's setting); ``C_{k,+}`` prefers ``a`` over ``b`` and ``C_{k,-}`` the reverse.
+    ``shared_tokens=True``: every pair uses tokens ``(0, 1)``, the same response set, which the paper
+    excludes (the persona Yes/No setting)."""
+    pairs = [(0, 1)] * K if shared_tokens else token_pairs(K, Z)
+    a, b = (torch.tensor([p[i] for p in pairs], dtype=torch.long) for i in (0, 1))
     chosen = torch.stack([a, b], 1).reshape(-1)
     rejected = torch.stack([b, a], 1).reshape(-1)
-    return chosen, rejected, 2 if shared_tokens else 2 * K
+    return chosen, rejected, int(max(max(p) for p in pairs)) + 1
+
+
+def token_reuse(chosen_of: Tensor, rejected_of: Tensor) -> tuple[int, int]:
+    """``(Z, M)`` of a token assignment (clusters ``2k``, ``2k+1`` form pair ``k``): ``Z``, the largest
+    number of pairs that use one token (the paper's Z), and ``M``, the largest number of clusters
+    of *other* pairs with which one cluster shares a token (the M of the chapter's thm-ch3-train;
+    ``M <= 4(Z-1)``)."""
+    sets = [frozenset((int(chosen_of[2 * k]), int(rejected_of[2 * k]))) for k in range(len(chosen_of) // 2)]
+    Z = max(sum(t in s for s in sets) for t in set().union(*sets))
+    M = max(2 * sum(bool(s & other) for m, other in enumerate(sets) if m != k) for k, s in enumerate(sets))
+    return Z, M
 
 
 def cluster_means(K: int, d: int, l_b: float, dtype=torch.float64) -> Tensor:
@@ -77,14 +118,15 @@ def cluster_means(K: int, d: int, l_b: float, dtype=torch.float64) -> Tensor:
     return torch.stack([l_b * eye[0] + c, l_b * eye[0] - c], 1).reshape(2 * K, d)
 
 
-def cluster_data(K: int, Q: int, d: int, v: float, l_b: float, *, shared_tokens: bool = False, seed: int = 0,
-                 dtype=torch.float64) -> ClusterData:
-    """``Q`` i.i.d. samples from each of the ``2K`` clusters ``N(mu_c, v^2 I)`` (:func:`cluster_means`).
+def cluster_data(K: int, Q: int, d: int, v: float, l_b: float, *, shared_tokens: bool = False, Z: int = 1,
+                 seed: int = 0, dtype=torch.float64) -> ClusterData:
+    """``Q`` i.i.d. samples from each of the ``2K`` clusters ``N(mu_c, v^2 I)`` (:func:`cluster_means`),
+    with the tokens of :func:`cluster_tokens` (``shared_tokens``, ``Z``).
 
     The noise is ``v * z`` with ``z`` drawn from ``seed`` alone, so runs that differ only in ``v`` use
     the same ``z`` (common random numbers)."""
     means = cluster_means(K, d, l_b, dtype)
-    chosen_of, rejected_of, vocab = cluster_tokens(K, shared_tokens)
+    chosen_of, rejected_of, vocab = cluster_tokens(K, shared_tokens, Z)
     cluster = torch.arange(2 * K).repeat_interleave(Q)
     z = torch.randn(2 * K * Q, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     return ClusterData(means[cluster] + v * z, chosen_of[cluster], rejected_of[cluster], cluster, means,
@@ -238,6 +280,13 @@ def theorem_rates(K: int, beta: float, tau: float = 1.0) -> tuple[float, float, 
     return beta**2 / (8 * K * tau), 5 * beta**2 / (K * tau), K * tau * LOG3 / (5 * beta**2)
 
 
+def book_train_conditions(delta: float, M: int, l_b: float, d: int, v: float, Q: int) -> bool:
+    """The conditions of the chapter's own training guarantee (thm-ch3-train) on the event
+    ``E_delta``: ``delta (1 + M/2) + M l_b^2/2 <= 3/4``, ``delta < 1 - l_b^2`` and ``d v^2 <= 2Q``, with ``M``
+    the largest number of other clusters a cluster shares a token with (:func:`token_reuse`)."""
+    return bool(delta * (1 + M / 2) + M * l_b**2 / 2 <= 0.75 and delta < 1 - l_b**2 and d * v**2 <= 2 * Q)
+
+
 def empirical_rates(C: Tensor, beta: float, tau: float = 1.0) -> tuple[float, float]:
     """The deterministic comparison rates of the chapter's sandwich lemma.
 
@@ -322,17 +371,21 @@ def _worst_case_root(a: np.ndarray, w: np.ndarray) -> float:
     return lo
 
 
-def cluster_bound(s_star: float, v: float, norms: Tensor) -> float:
+def cluster_bound(s_star: float, v: float, norms: Tensor, log: bool = False) -> float:
     """Theorem 4.3's bound on one cluster's risk: the union over the training samples that share a
     token (``norms``: their ``||g_i||``) of ``P(|g_i^T xi| >= s*)`` with ``g_i^T xi ~ N(0, v^2 ||g_i||^2)``:
-    ``min(1, sum_i 2 Phi(-s*/(v ||g_i||)))``; 1 when ``s* <= 0`` (no guarantee)."""
+    ``min(1, sum_i 2 Phi(-s*/(v ||g_i||)))``; 1 when ``s* <= 0`` (no guarantee). ``log=True`` returns
+    its natural logarithm, finite far below floating point's range."""
+    from scipy.special import logsumexp
     from scipy.stats import norm
 
     if s_star <= 0:
-        return 1.0
+        return 0.0 if log else 1.0
     if v == 0:
-        return 0.0
-    return float(min(1.0, np.sum(2 * norm.sf(s_star / (v * norms.detach().cpu().numpy())))))
+        return -math.inf if log else 0.0
+    terms = math.log(2) + norm.logsf(s_star / (v * norms.detach().cpu().numpy()))
+    out = min(0.0, float(logsumexp(terms)))
+    return out if log else math.exp(out)
 
 
 def union_bound_closed(s_star: float, v: float, max_norm: float, n: int) -> float:
@@ -343,13 +396,97 @@ def union_bound_closed(s_star: float, v: float, max_norm: float, n: int) -> floa
     return float(min(1.0, 2 * n * math.exp(-s_star**2 / (2 * v**2 * max_norm**2))))
 
 
-def paper_bound(K, Q):
-    """The bound ``2 K Q^2 exp(-Q/45)`` of the paper's Theorem 4.3 at ``tau_1`` (under ``d <= 5Q``,
-    ``v <= 1/(32 sqrt Q)``, ``1/4 <= l_b <= 1/2``, ``Z l_b^2 <= 1/4``, ``Q >= 40``). UNCONFIRMED: read from a
-    secondary summary, consistent with the paper's remark that K = 10 needs more than 875 samples per
-    value for a bound of 0.05. Not clipped."""
+def paper_conditions(Z: int, l_b: float, d: int, v: float, Q: int) -> dict[str, bool]:
+    """The conditions of the paper's Theorems 4.2 and 4.3, each with whether it holds:
+    ``Z <= 1/(4 l_b^2)``, ``d <= 5Q``, ``v <= 1/(32 sqrt Q)``, ``1/4 <= l_b <= 1/2`` and (Theorem 4.3 only)
+    ``Q >= 40``."""
+    return {"Z ≤ 1/(4 l_b²)": Z * 4 * l_b**2 <= 1, "d ≤ 5Q": d <= 5 * Q, "v ≤ 1/(32√Q)": v * 32 * math.sqrt(Q) <= 1,
+            "1/4 ≤ l_b ≤ 1/2": 0.25 <= l_b <= 0.5, "Q ≥ 40": Q >= 40}
+
+
+def paper_failure_floor(K, Q):
+    """``8 K Q^(9/4) exp(-Q^(3/4)/256)``: a lower bound, whatever the constant ``c > 0``, on the failure
+    probability ``8 K Q^(9/4) exp(-min(c sqrt(Q)/5, Q^(3/4)/256))`` of the paper's Theorems 4.2 and 4.3
+    (the chapter's thm-ch3-paper-train and thm-ch3-paper-gen; section ch3-probability)
+    (the minimum is at most ``Q^(3/4)/256``). Where it is at least 1, "with probability at least
+    1 - (failure)" holds for every event and says nothing."""
     Q = np.asarray(Q, dtype=float)
-    return 2 * np.asarray(K, dtype=float) * Q**2 * np.exp(-Q / 45)
+    return 8 * np.asarray(K, dtype=float) * Q**2.25 * np.exp(-Q**0.75 / 256)
+
+
+def main_text_epsilon(Z: int, v: float) -> float:
+    """``epsilon = 1/(16 v (Z + 2))``, the paper's choice (remarks after its Theorems B.3 and B.4) that
+    turns the appendix forms into the main-text theorems."""
+    return 1 / (16 * v * (Z + 2))
+
+
+def union_bound_b4(K, Q, Z: int, l_b: float, d: int, v: float, eps: float | None = None):
+    """The union bound of the paper's Appendix B.4 (proof of Theorem B.4), as its text gives it: a
+    fresh sample is misclassified at ``tau_1`` with probability at most
+    ``2 K Q^2 exp(-eps^2 / (2 (1 + l_b^2 + d v^2 + 2 eps v)))``, with ``eps`` the main-text
+    :func:`main_text_epsilon` unless given (the chapter's eq-ch3-b4). Not clipped."""
+    eps = main_text_epsilon(Z, v) if eps is None else eps
+    Q = np.asarray(Q, dtype=float)
+    return 2 * np.asarray(K, dtype=float) * Q**2 * np.exp(-eps**2 / (2 * (1 + l_b**2 + d * v**2 + 2 * eps * v)))
+
+
+def paper_bound(K, Q, rate: float = 45.0):
+    """``2 K Q^2 exp(-Q/rate)``; ``rate = 45`` is the bound of the paper's Theorem 4.3 at ``tau_1`` (under
+    ``d <= 5Q``, ``v <= 1/(32 sqrt Q)``, ``1/4 <= l_b <= 1/2``, ``Z l_b^2 <= 1/4``, ``Q >= 40``). Its display
+    is not readable in the copy of the paper: the form comes from secondary summaries. It follows from
+    :func:`union_bound_b4`: under the conditions ``Z <= 4``, so ``eps = 2 sqrt(Q)/(Z + 2) >= sqrt(Q)/3``,
+    and any bound of the bracket ``1 + l_b^2 + d v^2 + 2 eps v`` by ``5/2`` gives the exponent ``Q/45``
+    (:func:`bracket_max`: the bracket is at most ``1.297``, which gives the book's sharper ``rate``;
+    the chapter's thm-ch3-closed-form). Not clipped."""
+    Q = np.asarray(Q, dtype=float)
+    return 2 * np.asarray(K, dtype=float) * Q**2 * np.exp(-Q / rate)
+
+
+def bracket_max() -> float:
+    """The largest value of ``1 + l_b^2 + d v^2 + 2 eps v`` under the main-text conditions
+    (``l_b <= 1/2``, ``d <= 5Q``, ``v <= 1/(32 sqrt Q)``, ``eps v = 1/(16 (Z+2))`` with ``Z >= 1``):
+    ``1 + 1/4 + 5/1024 + 1/24``. With ``eps^2 >= Q/9`` the exponent of :func:`union_bound_b4` is then at
+    least ``Q / (18 * bracket_max())`` = ``Q/23.3`` (the book's reading of the same bound)."""
+    return 1 + 1 / 4 + 5 / 1024 + 2 / (16 * 3)
+
+
+def required_Q(K: float, target: float = 0.05, rate: float = 45.0) -> float:
+    """The sample size per cluster at which :func:`paper_bound` falls to ``target`` on its decreasing
+    branch (``Q > 2 rate``, where it peaks): the paper's Figure 4 for ``target = 0.05``, solved by
+    bisection (brentq) of ``log(2 K Q^2) - Q/rate = log(target)``."""
+    from scipy.optimize import brentq
+
+    f = lambda Q: math.log(2 * K * Q * Q) - Q / rate - math.log(target)
+    if f(2 * rate) <= 0:
+        return 2 * rate
+    hi = 4 * rate
+    while f(hi) > 0:
+        hi *= 2
+    return brentq(f, 2 * rate, hi, xtol=1e-10)
+
+
+def vacuity_Q(K: float) -> float:
+    """The sample size per cluster up to which :func:`paper_failure_floor` is at least 1: its logarithm
+    rises from ``Q = 1`` (where it is ``log 8K > 0``) to ``Q = 768^(4/3) ~ 7000`` and then falls;
+    the root on the falling branch, by brentq."""
+    from scipy.optimize import brentq
+
+    f = lambda Q: math.log(8 * K) + 2.25 * math.log(Q) - Q**0.75 / 256
+    lo, hi = 2.0e4, 4.0e4
+    while f(hi) > 0:
+        hi *= 2
+    return brentq(f, lo, hi, xtol=1e-6)
+
+
+def risk_floor(v: float) -> float:
+    """``Phi(-1/v)``: no head does better on a pair of clusters ``N(l_b e_0 +- c_k, v^2 I)`` with
+    swapped preferences. Its risk is ``(Phi(-a/v) + Phi(-b/v))/2`` with ``a + b = 2 u^T c_k/||u|| <= 2``
+    (Cauchy-Schwarz), at least ``Phi(-(a+b)/(2v)) >= Phi(-1/v)`` by convexity of ``Phi(-x)`` for
+    ``x >= 0`` (Jensen), and at least ``1/4 >= Phi(-1/v)`` if ``a`` or ``b`` is negative (for ``v <= 1.48``;
+    the chapter's section ch3-fixed-v)."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(-1 / v))
 
 
 def exact_risk(delta_W: Tensor, data: ClusterData, beta: float, log: bool = False) -> np.ndarray:
@@ -363,8 +500,8 @@ def exact_risk(delta_W: Tensor, data: ClusterData, beta: float, log: bool = Fals
     return norm.logcdf(z) if log else norm.cdf(z)
 
 
-def bounds_for(data: ClusterData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per cluster: ``(s*, cluster_bound, union_bound_closed over all N)`` of Theorem 4.3."""
+def bounds_for(data: ClusterData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster: ``(s*, cluster_bound, its log, union_bound_closed over all N)`` of Theorem 4.3."""
     G, ch, rj = data.features, data.chosen, data.rejected
     norms = G.norm(dim=1)
     S, B, U = [], [], []
@@ -373,9 +510,9 @@ def bounds_for(data: ClusterData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sharing = preference_overlap(torch.tensor([cw]), torch.tensor([cl]), ch, rj)[0] != 0
         s = test_slack(G, ch, rj, data.means[c], cw, cl)
         S.append(s)
-        B.append(cluster_bound(s, data.v, norms[sharing]))
+        B.append(cluster_bound(s, data.v, norms[sharing], log=True))
         U.append(union_bound_closed(s, data.v, norms.max().item(), len(G)))
-    return np.array(S), np.array(B), np.array(U)
+    return np.array(S), np.exp(B), np.array(B), np.array(U)
 
 
 def gaussian_plugin_risk(u: Tensor, mean: Tensor, cov: Tensor) -> float:
@@ -422,3 +559,58 @@ def cluster_geometry(features: Tensor, s, groups) -> dict:
                 v=v, v_sqrt_d=v * math.sqrt(features.shape[1]), concept_norms=c.norm(dim=1).numpy(),
                 max_cos_concepts=off.max().item() if len(off) else 0.0,
                 max_cos_concept_b=(cn @ (bbar / bbar.norm())).abs().max().item(), cos=cos.numpy(), names=names)
+
+
+def adam_last_layer(features: Tensor, s, *, beta: float, lr: float, steps: int, betas=(0.9, 0.999),
+                    eps: float = 1e-8) -> Tensor:
+    """Full-batch Adam (the paper's last-layer training, its Appendix F: Adam, learning rate ``lr``) on
+    the mean DPO loss of the head ``W``, for one token pair (" Yes" preferred when ``s = +1``).
+
+    Only the two rows move and ``W - W_0 = u v^T`` with ``u = e_Yes - e_No``: the loss depends on ``W``
+    through ``r = 2 beta s v^T g`` alone, so every other row has zero gradient and Adam leaves it at
+    ``W_0``; the gradient of the " No" row is minus that of the " Yes" row, ``G = -(beta/N) sum_i
+    sigma(-r_i) s_i g_i``, and Adam's update of the " No" row is minus that of the " Yes" row. So ``v``
+    follows Adam on ``G`` (bias-corrected moments, PyTorch's order of operations). Returns ``v`` at every
+    step, shape ``(steps + 1, d)``."""
+    sign = torch.as_tensor(s).to(features.dtype)
+    v = torch.zeros(features.shape[1], dtype=features.dtype)
+    m, w = torch.zeros_like(v), torch.zeros_like(v)
+    out = [v.clone()]
+    b1, b2 = betas
+    for t in range(1, steps + 1):
+        r = 2 * beta * sign * (features @ v)
+        G = -(beta / len(features)) * ((torch.sigmoid(-r) * sign)[:, None] * features).sum(0)
+        m = b1 * m + (1 - b1) * G
+        w = b2 * w + (1 - b2) * G * G
+        v = v - lr / (1 - b1**t) * m / ((w / (1 - b2**t)).sqrt() + eps)
+        out.append(v.clone())
+    return torch.stack(out)
+
+
+def gaussian_fit(features: Tensor, groups) -> tuple[float, float]:
+    """The paper's Gaussian-cluster diagnostics (its Appendix E) on the features of each group (e.g.
+    the behaviour-matching statements of each persona): scaled to unit norm on average within the
+    group, the Frobenius norm of the covariance matrix (``1/n`` normalisation) and the mean squared
+    distance to the group's mean (its trace), each averaged over groups."""
+    labels = list(groups)
+    fro, dist = [], []
+    for g in dict.fromkeys(labels):
+        x = features[torch.tensor([i for i, k in enumerate(labels) if k == g])]
+        x = x / x.norm(dim=1).mean()
+        centred = x - x.mean(0)
+        fro.append(torch.linalg.matrix_norm(centred.T @ centred / len(x)).item())
+        dist.append(centred.pow(2).sum(1).mean().item())
+    return float(np.mean(fro)), float(np.mean(dist))
+
+
+def group_cosines(features: Tensor, groups, centre: bool = False) -> tuple[np.ndarray, list]:
+    """The paper's Figure 3: the average cosine similarity between the features of two groups (over
+    all pairs of one feature from each, the same feature included on the diagonal), for every pair of
+    groups; ``centre=True`` first subtracts the shared component, the mean of all the features.
+    Returns the matrix and the group names (in order of first appearance)."""
+    labels = list(groups)
+    names = list(dict.fromkeys(labels))
+    x = features - features.mean(0) if centre else features
+    unit = x / x.norm(dim=1, keepdim=True)
+    means = torch.stack([unit[torch.tensor([i for i, k in enumerate(labels) if k == g])].mean(0) for g in names])
+    return (means @ means.T).numpy(), names
