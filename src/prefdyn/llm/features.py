@@ -48,13 +48,17 @@ def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size
     path = (cache or cache_dir() / "embeddings") / \
         f"{policy.fingerprint}-{weights_digest(policy.model)}-layer{layer}.safetensors"
     keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
-    stored: dict[bytes, torch.Tensor] = {}
-    if path.is_file():
+
+    def read_cache() -> dict[bytes, torch.Tensor]:
+        if not path.is_file():
+            return {}
         try:
             data = load_file(str(path))
-            stored = {bytes(k.tolist()): v for k, v in zip(data["keys"], data["values"])}
+            return {bytes(k.tolist()): v for k, v in zip(data["keys"], data["values"])}
         except Exception:  # an unreadable cache is rebuilt, never trusted
-            stored = {}
+            return {}
+
+    stored = read_cache()
     first_missing: dict[bytes, int] = {}
     for i, k in enumerate(keys):
         if k not in stored:
@@ -66,7 +70,8 @@ def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size
             states = last_token_states(policy.model, policy.tokenizer, [texts[j] for j in chunk], policy.device, layer)
         for j, h in zip(chunk, states.float().cpu()):
             stored[keys[j]] = h
-    if order:
+    if order:   # keep what other processes wrote meanwhile (one file per model; runs may share it)
+        stored = {**read_cache(), **stored}
         all_keys = list(stored)
         atomic_write(path, save({
             "keys": torch.tensor([list(k) for k in all_keys], dtype=torch.uint8),
