@@ -1,6 +1,7 @@
 """Chapter 4's drivers (prefdyn.experiments.ch04) against independent computations: hand-computed
 preference matrices, the closed forms of the chapter's theorems, explicit loops over the map, the
 first-order condition of the DPO optimum, and (slow) the real model's own log-probabilities."""
+import itertools
 import math
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from conftest import restoring
 
 from prefdyn import tabular
+from prefdyn.datasets.scores import generate_scores
 from prefdyn.experiments import ch04
+from prefdyn.params import ParameterError
 from prefdyn.theory import iterative as it
 
 D = torch.float64
@@ -119,12 +122,6 @@ def test_classify_regime_against_the_closed_forms_on_cyclic_preferences():
     assert math.isnan(c) and rho == pytest.approx(math.hypot(0.9, 4 * a * lam / (math.sqrt(3) * 0.4)), rel=1e-12)
 
 
-def test_cycle_strength_is_the_variance_over_rounds_averaged_over_candidates():
-    pis = torch.tensor([[[0.8, 0.2], [0.5, 0.5]], [[0.2, 0.8], [0.5, 0.5]]], dtype=D)   # (rounds+1, prompts, K)
-    # prompt 0 alternates 0.8 <-> 0.2 (variance 0.09 per candidate); prompt 1 stands still
-    assert np.allclose(ch04.cycle_strength(pis.log()), [0.09, 0.0], atol=1e-15)
-
-
 def test_prompt_provenance_counts_the_shipped_prompts_and_says_they_were_written_for_the_book():
     from prefdyn.datasets.prompts import load_prompts
 
@@ -165,9 +162,181 @@ def test_prepare_task_and_run_rounds_start_every_run_at_the_warm_start(smol, tmp
             warm = logps.candidate_logps(smol.model, tok, task.prompts, task.candidate_ids, smol.device)
         assert torch.allclose(task.mass, warm.exp().sum(-1), atol=1e-6)
         assert any(not torch.equal(base[k], task.state[k]) for k in base)   # the warm start trained
-        kw = dict(lam=0.5, rounds=1, n_samples=4, steps=1, lr=1e-3, seed=0, max_new_tokens=2)
+        kw = dict(lam=0.5, rounds=1, n_samples=4, steps=1, lr=1e-3, seed=0)
         first = ch04.run_rounds(smol, task, "ipo", 0.3, 2.0, **kw)
         second = ch04.run_rounds(smol, task, "ipo", 0.3, 2.0, **kw)  # restored: the same pi_0 and the same round
         assert torch.allclose(first["log_pi"][0], F.log_softmax(warm.double(), -1), atol=1e-5)
         assert torch.equal(first["log_pi"][0], second["log_pi"][0])
         assert torch.allclose(first["log_pi"][1], second["log_pi"][1], atol=1e-6)
+
+
+def test_sample_first_tokens_is_rejection_sampling_from_the_restricted_policy():
+    logps = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.05, 0.05, 0.9]], dtype=D))   # mass 0.8 and 1.0
+    kept, accepted = ch04.sample_first_tokens(logps, 20000, np.random.default_rng(0))
+    for row, p in zip(kept, ([0.625, 0.25, 0.125], [0.05, 0.05, 0.9])):
+        assert len(row) == 20000
+        assert np.allclose([np.mean([d == k for d in row]) for k in range(3)], p, atol=0.012)
+    assert accepted == pytest.approx(2 / (1 / 0.8 + 1), abs=0.005)      # 40000 kept of 45000 draws
+    # the same as drawing first tokens one at a time until each prompt has its candidates
+    rng = np.random.default_rng(1)
+    draws, total = [], 0
+    for row in (np.array([0.5, 0.2, 0.1, 0.2]),):
+        got = []
+        while len(got) < 5000:
+            k = rng.choice(4, p=row)
+            total += 1
+            got += [k] if k < 3 else []
+        draws.append(got)
+    assert np.allclose(np.bincount(draws[0], minlength=3) / 5000, [0.625, 0.25, 0.125], atol=0.02)
+    assert 5000 / total == pytest.approx(0.8, abs=0.02)
+    assert kept == ch04.sample_first_tokens(logps, 20000, np.random.default_rng(0))[0]
+
+
+def test_band_width_leaves_a_stable_cell_at_half_the_oscillation_cut():
+    for T in (150, 600, 2000):
+        w = ch04.band_width(T)
+        assert (1 - w) ** (T / 4) == pytest.approx(0.5)      # ratio rho^(T/2) = index^(T/4)
+    # a contracting cell just outside the band: the scan measures a ratio at most about 1/2
+    a, T = 0.4, 200
+    P = it.cyclic_preferences(a)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    start = F.log_softmax(u + torch.tensor([1e-3, 0.0, 0.0], dtype=D), -1)
+    index = 1 - 1.05 * ch04.band_width(T)
+    bl = math.sqrt(3 * (index - 0.3 ** 2)) / a
+    ratio = ch04.oscillation_scan(it.mrs_ipo_step, start, P, torch.tensor([0.3], dtype=D),
+                                  torch.tensor([bl], dtype=D), T).item()
+    assert ratio < 0.55
+
+
+def test_phase_agreement_accepts_the_ellipse_and_rejects_a_wrong_boundary():
+    a, T = 0.4, 300
+    P = it.cyclic_preferences(a)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    start = F.log_softmax(u + torch.tensor([1e-3, 0.0, 0.0], dtype=D), -1)
+    alphas, bls = torch.linspace(0, 1, 6, dtype=D), torch.linspace(0.1, 8.0, 7, dtype=D)
+    ratio = ch04.oscillation_scan(it.mrs_ipo_step, start, P, alphas, bls, T).numpy()
+    A, B = np.meshgrid(alphas.numpy(), bls.numpy(), indexing="ij")
+    band = ch04.band_width(T)
+    share, wrong_cells = ch04.phase_agreement(ratio, it.ipo_oscillation_index(A, a, B), band)
+    assert share == 1.0 and wrong_cells == 0
+    share4, wrong4 = ch04.phase_agreement(ratio, A ** 2 + (a * B) ** 2 / 4, band)
+    assert wrong4 >= 1 and share4 < 1
+    # by hand: (alpha, beta lam) = (0.4, 4.05) has index 0.16 + 0.88 = 1.04 (oscillates), but 0.82 with /4
+    assert ratio[2, 3] >= 0.9
+
+
+def test_paper_regimes_match_each_cell_iterated_alone():
+    P = ch04.random_preferences(3, 4, torch.Generator().manual_seed(4))
+    alphas, bls = torch.tensor([0.0, 0.9, 1.0], dtype=D), torch.tensor([1.0, 12.0], dtype=D)
+    strength, H = ch04.paper_regimes(P, alphas, bls, 60)
+    assert strength.shape == H.shape == (3, 2, 3)
+    u = torch.full((4,), -math.log(4), dtype=D)
+    for i, al in enumerate(alphas.tolist()):
+        for j, bl in enumerate(bls.tolist()):
+            for m in range(3):
+                traj = it.iterate(it.mrs_ipo_step, u, 60, log_pi_ref=u, mu0=u.exp(), P=P[m], alpha=al,
+                                  beta=bl, lam=1.0)
+                assert strength[i, j, m].item() == pytest.approx(it.cycle_strength(traj[31:]).item(),
+                                                                 rel=1e-6, abs=1e-15)
+                assert H[i, j, m].item() == pytest.approx(it.entropy(traj[-1]).item(), rel=1e-9, abs=1e-14)
+
+
+def test_per_matrix_spearman_is_scipys_over_the_cells():
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(3, 4, 5, generator=g, dtype=D), torch.rand(3, 4, 5, generator=g, dtype=D)
+    y[..., 0] = x[..., 0] ** 2                                  # a monotone relation: 1
+    rho = ch04.per_matrix_spearman(x, y)
+    for m in range(5):
+        assert rho[m] == pytest.approx(spearmanr(x[..., m].flatten(), y[..., m].flatten())[0])
+    assert rho[0] == pytest.approx(1.0)
+
+
+def test_contraction_grid_is_the_contraction_factor_of_each_cell_and_matrix():
+    P = ch04.random_preferences(2, 4, torch.Generator().manual_seed(7))
+    alphas, bls = torch.tensor([0.1, 0.5], dtype=D), torch.tensor([1.0, 3.0, 9.0], dtype=D)
+    grid = ch04.contraction_grid(P, alphas, bls)
+    for i, j, m in itertools.product(range(2), range(3), range(2)):
+        assert grid[i, j, m].item() == pytest.approx(it.contraction_factor(alphas[i].item(), bls[j].item(), 1.0, P[m]))
+
+
+def test_phase_averaging_never_raises_the_cycle_strength_and_keeps_the_shapes():
+    P = it.cyclic_preferences(0.4)[None].expand(2, 3, 3).clone()
+    traj, single, averaged = ch04.phase_averaging(P, torch.tensor([[0.9], [1.0]], dtype=D),
+                                                  torch.tensor([[8.0], [4.0]], dtype=D), 16, 200, 6,
+                                                  torch.Generator().manual_seed(0))
+    assert traj.shape == (201, 6, 2, 3) and single.shape == averaged.shape == (2,)
+    assert (averaged <= single + 1e-15).all()
+    assert torch.allclose(single, it.cycle_strength(traj[100:]).mean(0))
+
+
+def test_fixed_point_tolerance_shrinks_to_the_population_distance_with_many_samples():
+    log_pi0 = _warm_world(prompts=2)
+    P, alpha, beta, lam = it.cyclic_preferences(0.4), 0.3, 2.0, 0.5
+    fixed = ch04.prompt_fixed_points(log_pi0, P, alpha, beta, lam)
+    pop = ch04.population_rounds("ipo", log_pi0, P, alpha, beta, lam, 3)[-1]
+    tight = ch04.fixed_point_tolerance(log_pi0, P, alpha, beta, lam, 100000, 3, 50, seed=0)
+    assert torch.allclose(tight, it.total_variation(pop, fixed), atol=5e-3)
+    loose = ch04.fixed_point_tolerance(log_pi0, P, alpha, beta, lam, 8, 3, 400, seed=0)
+    median = ch04.fixed_point_tolerance(log_pi0, P, alpha, beta, lam, 8, 3, 400, seed=0, level=0.5)
+    assert (loose > median).all() and (loose > tight).all()
+
+
+def test_ranking_helpers_on_random_matrices():
+    g = torch.Generator().manual_seed(8)
+    P = ch04.random_transitive_preferences(50, 4, g)
+    assert torch.allclose(P + P.transpose(-1, -2), torch.ones(50, 4, 4, dtype=D))
+    assert all((P[:, i, j] > 0.5).all() for i in range(4) for j in range(i + 1, 4))
+    mus = torch.distributions.Dirichlet(torch.ones(5, dtype=D)).sample((40,))
+    ok, ratio = ch04.fixed_sampler_failures(mus)
+    assert ok == 1.0 and ratio >= 1 - 1e-12
+    counterexample = torch.tensor([[0.5, 0.55, 0.55], [0.45, 0.5, 0.1], [0.45, 0.9, 0.5]], dtype=D)
+    smith_ok, uniform_ok, sizes = ch04.smith_success(counterexample[None])
+    assert (smith_ok, uniform_ok, sizes) == (1.0, 0.0, "1: 1")
+    assert ch04.smith_success(it.cyclic_preferences(0.2)[None])[2] == "3: 1"
+
+
+def test_ratio_comparison_holds_each_ratio_at_its_value():
+    P = tabular.bradley_terry(torch.tensor([1.0, 0.5, 0.0], dtype=D))
+    lams, ratios = torch.tensor([0.5, 1.0], dtype=D), torch.tensor([1.0, 4.0], dtype=D)
+    H_kappa, H_gamma = ch04.ratio_comparison(P, 0.5, lams, ratios)
+    u = torch.full((3,), -math.log(3), dtype=D)
+    for i, lam in enumerate(lams.tolist()):
+        for j, r in enumerate(ratios.tolist()):
+            for H, beta in ((H_kappa, r * 0.5 / lam), (H_gamma, r * 0.5)):
+                z = it.fixed_point(u, u.exp(), P, 0.5, beta, lam)
+                assert H[i, j].item() == pytest.approx(it.entropy(z).item(), abs=1e-8)
+    assert torch.allclose(H_kappa[1], H_gamma[1])                  # at lam = 1 the two ratios agree
+
+
+def test_rotation_expectation_is_a_probability_per_prompt():
+    P = it.cyclic_preferences(0.4)
+    log_pi0 = torch.full((2, 3), -math.log(3), dtype=D)
+    p = ch04.rotation_expectation(log_pi0, P, (0.0, 0.9, 3.0), 1.0, 32, 20, 100, seed=0)
+    assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all() and (p > 0.3).all()
+    assert (ch04.rotation_expectation(log_pi0, P, (0.0, 0.0, 0.5), 1.0, 32, 20, 50, seed=0) == 0).all()
+
+
+def test_score_table_helpers():
+    P = torch.full((3, 4, 4), 0.6, dtype=D)
+    P[0, 0, 1] = 0.5
+    assert ch04.tie_share(P) == pytest.approx(1 / 3)
+    text = ch04.similarity_effect(200, seed=0, shares=(0.0, 0.5))
+    assert text.count("cyclic") == 2 and "shared variance of 0.5" in text
+    assert ch04.entropy_path_word(torch.tensor([1.0], dtype=D)) == "falls from the first round on"
+    assert ch04.entropy_path_word(torch.tensor([1.0, 1.3, 1.2], dtype=D)).startswith("rises first, from 1.00 to 1.30")
+
+
+@pytest.mark.parametrize("args", [(0.0, 0.5, 1.0, (0.0, 0.9, 3.0)), (0.4, 1.5, 1.0, (0.0, 0.9, 3.0)),
+                                  (0.4, 0.5, 0.0, (0.0, 0.9, 3.0)), (0.4, 0.5, 1.0, (0.0, 1.2, 3.0)),
+                                  (0.4, 0.5, 1.0, (0.0, 0.9))])
+def test_check_parameters_rejects_bad_values(args):
+    with pytest.raises(ParameterError):
+        ch04.check_parameters(*args)
+    ch04.check_parameters(0.4, 0.5, 1.0, (0.0, 0.9, 3.0))
+
+
+def test_generated_scores_give_both_kinds_of_matrix():
+    P, _ = it.preference_matrices(generate_scores(500, seed=0).scores, np.random.default_rng(0))
+    assert 0 < it.is_cyclic(P).sum() < 100 and 50 < it.strongly_transitive(P).sum() < 450

@@ -1,5 +1,6 @@
 """The formulas of prefdyn.theory.iterative against independent computations: gradient descent on the
 population losses, autograd Jacobians of the map, brute-force enumeration, explicit loops."""
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from prefdyn import objectives, tabular
-from prefdyn.experiments.ch04 import assign_candidates
 from prefdyn.theory import iterative as it
 
 D = torch.float64
@@ -226,19 +226,6 @@ def test_soft_pair_counts_are_the_expected_hard_counts():
     assert torch.allclose(soft[0], brute, atol=1e-15)
 
 
-def test_assign_candidates_uses_the_first_token():
-    class Tok:
-        vocab = {"Rock": 1, "Paper": 2, "Sc": 3}
-
-        def encode(self, text, add_special_tokens=False):
-            for w, i in self.vocab.items():
-                if text.startswith(w):
-                    return [i, 99]
-            return [0] if text else []
-
-    assert assign_candidates(Tok(), ["Rock!", "Scissors", "I pick", ""], [1, 2, 3]) == [0, 2, -1, -1]
-
-
 def test_iterate_at_alpha_one_collapses_with_the_proved_rate():
     r = torch.tensor([1.0, 0.3, -0.5, 0.0], dtype=D)
     P = tabular.bradley_terry(r)
@@ -281,3 +268,212 @@ def test_a_batch_of_alphas_and_betas_iterates_like_each_cell_alone(step):
         alone = it.iterate(step, start, 60, log_pi_ref=u, mu0=u.exp(), P=P, alpha=alpha, beta=beta, lam=1.0)
         assert torch.allclose(batch[:, i], alone, atol=1e-12)
         assert float(ratios[i]) == pytest.approx(float(it.oscillation_ratio(alone, u)), rel=1e-6)   # a ratio of small deviations
+
+
+def smith_by_reachability(P):
+    """The Smith set as the responses that reach every other along strict wins (the top strongly
+    connected component of the majority graph), by transitive closure."""
+    K = len(P)
+    reach = (P > 0.5).numpy() | np.eye(K, dtype=bool)
+    for k in range(K):
+        reach = reach | (reach[:, [k]] & reach[[k], :])
+    return sorted(i for i in range(K) if reach[i].all())
+
+
+def test_smith_set_is_the_set_of_responses_that_reach_all_others():
+    g = torch.Generator().manual_seed(11)
+    sizes = set()
+    for _ in range(200):
+        A = torch.rand(5, 5, generator=g, dtype=D) - 0.5
+        P = 0.5 + (A - A.T) / 2
+        S = it.smith_set(P)
+        assert S == smith_by_reachability(P)
+        sizes.add(len(S))
+    assert {1, 3} <= sizes                       # Condorcet winners and genuine cycles both occur
+    assert it.smith_set(it.cyclic_preferences(0.3)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="tie"):
+        it.smith_set(torch.full((3, 3), 0.5, dtype=D))
+
+
+def test_smith_sampler_is_a_minimax_strategy_on_the_smith_set_and_puts_it_on_top():
+    g = torch.Generator().manual_seed(12)
+    for _ in range(100):
+        A = torch.rand(5, 5, generator=g, dtype=D) - 0.5
+        P = 0.5 + (A - A.T) / 2
+        mu, S, gap = it.smith_sampler(P, eta=0.0)
+        rest = [j for j in range(5) if j not in S]
+        assert mu.sum().item() == pytest.approx(1.0) and (mu >= -1e-12).all()
+        if rest:
+            assert mu[rest].abs().max().item() < 1e-12
+        assert ((P @ mu)[S] >= 0.5 - 1e-9).all()                   # every member wins at least half
+        if rest:
+            assert gap == pytest.approx(min(0.5 - P[j, k].item() for j in rest for k in S))
+            mu_eta, _, _ = it.smith_sampler(P)                      # eta = 0.9 g/(1+g)
+            s = P @ mu_eta
+            assert s[S].min() - s[rest].max() >= 0.1 * gap / (1 + gap) * (1 - 1e-9)   # (1-eta)g - eta
+
+
+def test_condorcet_counterexample_defeats_every_sampler_by_its_proved_margin():
+    g = torch.Generator().manual_seed(13)
+    for K in (3, 4, 6):
+        for _ in range(50):
+            mu = torch.distributions.Dirichlet(torch.full((K,), 0.3, dtype=D)).sample()
+            P, c, b = it.condorcet_counterexample(mu, delta=0.2)
+            assert torch.allclose(P + P.T, torch.ones(K, K, dtype=D))
+            assert all(P[c, j] > 0.5 for j in range(K) if j != c)
+            if K == 3:                               # no ties among the others: a Smith set of one
+                assert it.smith_set(P) == [c]
+            s = P @ mu
+            assert (s[b] - s[c]).item() >= mu.max().item() * (0.5 - 0.2) / 2 - 1e-12
+    with pytest.raises(ValueError):
+        it.condorcet_counterexample(torch.tensor([0.5, 0.5], dtype=D))
+
+
+def test_no_sampler_orders_the_transitive_example_by_lp_and_by_a_grid():
+    P = it.TRANSITIVE_NO_SAMPLER
+    assert torch.allclose(P + P.T, torch.ones(4, 4, dtype=D))
+    assert all(P[i, j] > 0.5 for i in range(4) for j in range(i + 1, 4))
+    assert not it.is_strongly_transitive(P, [0, 1, 2, 3])
+    value, mu = it.best_order_gap(P, [0, 1, 2, 3])
+    gaps = (P[:-1] - P[1:]) @ mu
+    assert gaps.min().item() == pytest.approx(value, abs=1e-9)        # the LP's sampler attains it
+    assert value <= -0.025 + 1e-12
+    n = 40                                                          # every sampler on a simplex grid
+    grid = torch.tensor([c for c in itertools.product(range(n + 1), repeat=3) if sum(c) <= n], dtype=D)
+    mus = torch.cat([grid, n - grid.sum(1, keepdim=True)], 1) / n
+    worst = ((mus @ P.T)[:, :-1] - (mus @ P.T)[:, 1:]).min(1).values
+    assert worst.max().item() <= value + 1e-12
+    assert ((mus @ P.T)[:, 0] - (mus @ P.T)[:, 1] + (mus @ P.T)[:, 2] - (mus @ P.T)[:, 3]).max() <= -0.05 + 1e-12
+    bt = tabular.bradley_terry(torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=D))   # strongly transitive
+    assert it.best_order_gap(bt, [0, 1, 2, 3])[0] > 0
+
+
+def test_monotone_entropy_threshold_is_the_root_and_entropy_falls_below_it():
+    for K in (3, 4, 6):
+        e = it.monotone_entropy_threshold(K)
+        h = -(e * math.log(e) + (1 - e) * math.log(1 - e))
+        assert e == pytest.approx(math.exp(-(h + e * math.log(K - 1))), abs=1e-9)
+        g = torch.Generator().manual_seed(K)
+        for _ in range(300):                        # policies with less than e off the top response
+            z = torch.randn(K, generator=g, dtype=D) * 2
+            z[0] = torch.logsumexp(z[1:], 0) + math.log((1 - e) / e) + torch.rand(1, generator=g).item() * 4
+            L = (z[0] - z[1:]).clone().requires_grad_(True)
+            log_pi = F.log_softmax(torch.cat([torch.zeros(1, dtype=D), -L]), -1)
+            assert 1 - log_pi[0].exp().item() < e
+            (grad,) = torch.autograd.grad(it.entropy(log_pi), L)
+            assert (grad < 0).all()                 # raising any log-odds of the top lowers H
+    assert it.monotone_entropy_threshold(2) == 0.5
+
+
+def test_collapse_burn_in_is_the_first_round_the_proved_sum_is_small_and_entropy_then_falls():
+    P = tabular.bradley_terry(torch.tensor([1.2, 0.8, 0.1, 0.0], dtype=D))
+    log_pi0 = F.log_softmax(torch.tensor([0.0, 1.0, 2.0, 2.5], dtype=D), -1)
+    beta, lam = 1.5, 0.3
+    delta = it.transitivity_margins(P, 0)[1:]
+    L0 = log_pi0[0] - log_pi0[1:]
+    t0 = it.collapse_burn_in(L0, beta, delta)
+    eps = it.monotone_entropy_threshold(4)
+    sums = [torch.exp(-L0 - t * beta * delta).sum().item() for t in range(t0 + 1)]
+    assert sums[-1] < eps and all(x >= eps for x in sums[:-1])
+    traj = it.iterate(it.mrs_ipo_step, log_pi0, t0 + 60, P=P, alpha=1.0, beta=beta, lam=lam)
+    H = it.entropy(traj)
+    assert (H[t0 + 1:] < H[t0:-1]).all()
+    assert H[1] > H[0]                               # before the burn-in it can rise
+    with pytest.raises(ValueError):
+        it.collapse_burn_in(L0, beta, torch.tensor([0.1, 0.0, 0.2], dtype=D))
+
+
+def test_kl_from_uniform_is_the_kl_divergence_and_grows_at_alpha_one_on_the_cycle():
+    log_pi = F.log_softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=D), -1)
+    u = torch.full((3,), 1 / 3, dtype=D)
+    brute = (u * (u.log() - log_pi)).sum(-1)
+    assert torch.allclose(it.kl_from_uniform(log_pi), brute, atol=1e-14)
+    P = it.cyclic_preferences(0.3)
+    start = F.log_softmax(torch.tensor([0.2, 0.0, -0.1], dtype=D), -1)
+    for lam in (0.3, 1.0):
+        traj = it.iterate(it.mrs_ipo_step, start, 80, log_pi_ref=u.log(), mu0=u, P=P, alpha=1.0, beta=2.0, lam=lam)
+        assert (it.kl_from_uniform(traj).diff() > 0).all()
+    still = it.iterate(it.mrs_ipo_step, u.log(), 5, log_pi_ref=u.log(), mu0=u, P=P, alpha=1.0, beta=2.0, lam=1.0)
+    assert torch.allclose(it.kl_from_uniform(still), torch.zeros(6, dtype=D), atol=1e-14)
+
+
+def test_cycle_strength_is_the_variance_over_rounds_averaged_over_candidates():
+    pis = torch.tensor([[[0.8, 0.2], [0.5, 0.5]], [[0.2, 0.8], [0.5, 0.5]]], dtype=D)   # (rounds+1, prompts, K)
+    # prompt 0 alternates 0.8 <-> 0.2 (variance 0.09 per candidate); prompt 1 stands still
+    assert torch.allclose(it.cycle_strength(pis.log()), torch.tensor([0.09, 0.0], dtype=D), atol=1e-15)
+    longer = torch.cat([torch.full((3, 2, 2), 0.5, dtype=D), pis]).log()
+    assert torch.allclose(it.cycle_strength(longer, burn_in=3), it.cycle_strength(pis.log()), atol=1e-15)
+
+
+def test_cyclic_advances_counts_net_changes_of_clear_leaders_in_cyclic_order():
+    P = it.cyclic_preferences(0.4)              # 0 beats 1, 1 beats 2, 2 beats 0: on-policy goes 0 -> 2 -> 1 -> 0
+    def path(leaders, top=0.8):
+        rows = [[top if k == l else (1 - top) / 2 for k in range(3)] for l in leaders]
+        return torch.tensor(rows, dtype=D).log()[:, None, :]
+    assert it.cyclic_advances(path([0, 2, 1, 0]), P).item() == 3
+    assert it.cyclic_advances(path([0, 1, 2, 0]), P).item() == 0            # against the cycle
+    assert it.cyclic_advances(path([0, 1, 0, 2, 1, 0, 2]), P).item() == 5   # -1, then +5 from there
+    assert it.cyclic_advances(path([0, 2, 1, 0], top=0.4), P).item() == 0   # no clear leader
+    mixed = torch.cat([path([0, 2]), path([1], top=0.4), path([1, 0])])
+    assert it.cyclic_advances(mixed, P).item() == 3                         # unclear rounds skipped
+    assert it.cyclic_advances(torch.cat([path([0, 2, 1, 0]), path([0, 1, 2, 0])], 1), P).tolist() == [3, 0]
+
+
+def test_preference_matrices_follow_the_papers_recipe_with_the_same_draws():
+    scores = np.random.default_rng(0).integers(0, 5, size=(6, 4, 5))
+    P, attr = it.preference_matrices(scores, np.random.default_rng(7))
+    draws = np.random.default_rng(7).integers(0, 5, size=(6, 6))
+    assert np.array_equal(attr, draws)
+    for n in range(6):
+        for p, (i, j) in enumerate(zip(*np.triu_indices(4, 1))):
+            d = scores[n, i, draws[n, p]] - scores[n, j, draws[n, p]]
+            assert P[n, i, j].item() == pytest.approx(1 / (1 + math.exp(-d)))
+            assert P[n, j, i].item() == pytest.approx(1 / (1 + math.exp(d)))
+        assert (P[n].diagonal() == 0.5).all()
+
+
+def test_is_cyclic_and_strongly_transitive_against_enumerating_orders():
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randint(-2, 3, (300, 4, 4), generator=g).to(D)
+    P = torch.sigmoid(torch.triu(raw, 1) - torch.triu(raw, 1).transpose(-1, -2))   # ties where raw = 0
+    for p, cyc, strong in zip(P, it.is_cyclic(P), it.strongly_transitive(P)):
+        wins = [(i, j) for i in range(4) for j in range(4) if p[i, j] > 0.5]
+        acyclic = any(all(o.index(i) < o.index(j) for i, j in wins) for o in itertools.permutations(range(4)))
+        assert bool(cyc) == (not acyclic)
+        assert bool(strong) == any(it.is_strongly_transitive(p, o) for o in itertools.permutations(range(4)))
+    assert it.is_cyclic(it.cyclic_preferences(0.2)[None]).item()
+    assert it.strongly_transitive(tabular.bradley_terry(torch.tensor([0.0, 2.0, 1.0], dtype=D))[None]).item()
+
+
+def test_sampled_ipo_round_is_the_newton_minimiser_of_the_sampled_loss():
+    P = 0.5 + (lambda A: (A - A.T) / 2)(torch.rand(4, 4, generator=torch.Generator().manual_seed(2), dtype=D) - 0.5)
+    g = torch.Generator().manual_seed(3)
+    for counts in ([3, 0, 5, 1], [2, 2, 2, 2], [0, 0, 4, 1], [0, 6, 0, 0]):
+        log_pi = F.log_softmax(torch.randn(4, generator=g, dtype=D), -1)
+        ref = F.log_softmax(torch.randn(4, generator=g, dtype=D), -1)
+        samples = [[k for k, c in enumerate(counts) for _ in range(c)]]
+        W = it.pair_counts(samples, P, soft=True)
+        newton = it.minimise_newton(lambda z: it.pair_table_loss(z[None], ref[None], W, "ipo", 1.7), log_pi)
+        closed = it.sampled_ipo_round(log_pi, ref, torch.tensor(counts, dtype=D), P, 1.7)
+        assert torch.allclose(F.log_softmax(newton, -1), closed, atol=1e-9), counts
+
+
+def test_sampled_rounds_are_seeded_and_follow_the_population_map_with_many_samples():
+    P = it.cyclic_preferences(0.3)
+    log_pi0 = F.log_softmax(torch.tensor([0.3, -0.1, 0.0], dtype=D), -1)
+    run = lambda seed, n: it.sampled_rounds(log_pi0, P, 0.5, 2.0, 0.6, n, 4, 3, torch.Generator().manual_seed(seed))
+    assert run(0, 10).shape == (5, 3, 3) and torch.equal(run(0, 10), run(0, 10))
+    assert not torch.equal(run(0, 10), run(1, 10))
+    pop = it.iterate(it.mrs_ipo_step, log_pi0, 4, P=P, alpha=0.5, beta=2.0, lam=0.6,
+                     mu0=torch.full((3,), 1 / 3, dtype=D))
+    assert (run(2, 200000).exp() - pop.exp()[:, None]).abs().max() < 0.01
+
+
+def test_fixed_point_takes_a_batch_of_betas_and_lams():
+    log_ref, P, mu0, _ = random_world(seed=8)
+    betas = torch.tensor([[0.5], [2.0], [4.0]], dtype=D)
+    lams = torch.tensor([[1.0], [0.5], [0.2]], dtype=D)
+    batch = it.fixed_point(log_ref.expand(3, 4), mu0, P, 0.4, betas, lams)
+    for k in range(3):
+        alone = it.fixed_point(log_ref, mu0, P, 0.4, betas[k].item(), lams[k].item())
+        assert torch.allclose(batch[k], alone, atol=1e-10)

@@ -7,7 +7,12 @@ One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P
 ``P + P^T = 1`` (not necessarily Bradley–Terry), and the paper's notation ``beta = 1/tau`` for IPO.
 
 * One-shot IPO optimum (Azar et al. 2023): ``pi* = softmax(log pi_ref + beta P mu)``, i.e.
-  :func:`prefdyn.tabular.ipo_optimum` with ``tau = 1/beta``.
+  :func:`prefdyn.tabular.ipo_optimum` with ``tau = 1/beta``; the ranking desiderata: the Smith set
+  (:func:`smith_set`) and the sampler that puts it on top (:func:`smith_sampler`, the chapter's
+  prop-ch4-smith), the counterexample that defeats any fixed sampler
+  (:func:`condorcet_counterexample`, prop-ch4-every-sampler), and the best order-keeping gap over
+  all samplers (:func:`best_order_gap`) with a transitive ``P`` no sampler orders
+  (:data:`TRANSITIVE_NO_SAMPLER`, prop-ch4-no-sampler).
 * The iterated map (the paper's MRS-IPO): the reference is the geometric mixture
   ``pi_ref_t ∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler the linear mixture
   ``mu_t = lam pi_t + (1 - lam) mu0``; then ``pi_{t+1}`` is the IPO optimum for that pair,
@@ -19,16 +24,25 @@ One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P
   (:func:`ipo_oscillation_index`); DPO's has ``alpha ± i 4 a lam / (sqrt 3 beta)``
   (:func:`dpo_oscillation_index`).
 * Contraction (any ``P``): ``alpha + beta lam ||P - 11^T/2||_2 / 2 < 1`` (:func:`contraction_factor`).
+* At ``alpha = 1`` on the 3-cycle, ``KL(u || pi_t)`` grows at every round (:func:`kl_from_uniform`,
+  prop-ch4-spiral).
 * Collapse (strictly strongly transitive ``P``): log-odds of the top response grow by at least
-  ``beta * delta_j`` per round at ``alpha = 1`` (:func:`transitivity_margins`), and the entropy is
-  bounded by :func:`entropy_upper_bound`.
+  ``beta * delta_j`` per round at ``alpha = 1`` (:func:`transitivity_margins`), the entropy is
+  bounded by :func:`entropy_upper_bound`, and it falls at every round after the burn-in of
+  :func:`collapse_burn_in` (prop-ch4-monotone).
+* The paper's experiment: preference matrices from multi-attribute scores
+  (:func:`preference_matrices`), classified as cyclic (:func:`is_cyclic`) or strongly transitive
+  (:func:`strongly_transitive`); the cycle strength (:func:`cycle_strength`) and the leader's turns
+  through a cycle (:func:`cyclic_advances`).
 
-The last section holds what the real-model rounds need of the mathematics: oracle-labelled pair
-counts among sampled candidates and the sampled pair loss (the drivers that train the model are in
-:mod:`prefdyn.experiments.ch04`).
+The last sections hold what finite samples do: the IPO round on sampled candidates in closed form
+(:func:`sampled_ipo_round`) and the sampled map (:func:`sampled_rounds`), and what the real-model
+rounds need of the mathematics: oracle-labelled pair counts among sampled candidates and the
+sampled pair loss (the drivers that train the model are in :mod:`prefdyn.experiments.ch04`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -44,6 +58,9 @@ __all__ = [
     "fixed_point", "quotient_jacobian", "spectral_radius", "ipo_oscillation_index", "dpo_oscillation_index",
     "contraction_factor", "entropy", "oscillation_ratio", "transitivity_margins", "is_strongly_transitive",
     "entropy_upper_bound", "logit_gaps", "pair_counts", "pair_table_loss", "ranking_accuracy", "total_variation",
+    "smith_set", "smith_sampler", "condorcet_counterexample", "TRANSITIVE_NO_SAMPLER", "best_order_gap",
+    "monotone_entropy_threshold", "collapse_burn_in", "kl_from_uniform", "cycle_strength", "cyclic_advances",
+    "preference_matrices", "is_cyclic", "strongly_transitive", "sampled_ipo_round", "sampled_rounds",
 ]
 
 
@@ -83,6 +100,124 @@ def logit_gaps(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float) -> Tensor
     one-shot IPO optimum: the sampler enters every gap linearly, through ``<mu, d^{ij}>``."""
     s = P @ mu
     return (log_pi_ref[:, None] - log_pi_ref[None, :]) + beta * (s[:, None] - s[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranking desiderata: which samplers put the Smith set on top, and which P no sampler orders
+# --------------------------------------------------------------------------------------------------
+
+def _strict_wins(P: Tensor) -> Tensor:
+    """``W[i, j] = P[i, j] > 1/2`` off the diagonal; a tie off the diagonal raises (the Smith set and
+    the majority order are defined for strict majorities)."""
+    K = P.shape[-1]
+    off = ~torch.eye(K, dtype=torch.bool)
+    if bool((P[off] == 0.5).any()):
+        raise ValueError("P has a tie P[i, j] = 1/2 off the diagonal: the majority relation is not strict")
+    return (P > 0.5) & off
+
+
+def smith_set(P: Tensor) -> list[int]:
+    """The Smith set of ``P`` (``K x K``): the smallest non-empty set ``S`` whose every member beats
+    every non-member (``P[i, j] > 1/2`` for ``i`` in ``S``, ``j`` outside). Such dominant sets are
+    nested, so the smallest is unique; it is found by trying the sets in order of size. A Condorcet
+    winner ``c`` gives ``S = [c]``."""
+    wins = _strict_wins(P)
+    K = P.shape[-1]
+    for size in range(1, K + 1):
+        for S in itertools.combinations(range(K), size):
+            rest = [j for j in range(K) if j not in S]
+            if all(bool(wins[i, j]) for i in S for j in rest):
+                return list(S)
+    raise AssertionError("the whole set is always dominant")
+
+
+def smith_sampler(P: Tensor, eta: float | None = None) -> tuple[Tensor, list[int], float]:
+    r"""The instance-dependent sampler of the chapter's prop-ch4-smith: ``(mu, S, g)``.
+
+    ``q`` is supported on the Smith set ``S`` with every member's win rate against it at least 1/2,
+    ``(P q)_i >= 1/2`` for ``i`` in ``S`` (it exists by the minimax theorem: the zero-sum game with the
+    antisymmetric payoff ``1/2 - P`` on ``S`` has value 0; found by linear programming). With
+    ``g = min_{j not in S, k in S} (1/2 - P[j, k]) > 0`` the sampler is
+    ``mu = (1 - eta) q + eta u`` (``u`` uniform, full support), ``eta = 0.9 g/(1 + g)`` by default:
+    any ``eta < g/(1 + g)`` puts every member of ``S`` above every non-member in the IPO optimum
+    with a uniform reference. With ``S`` the whole set, ``g = inf`` and Smith-top holds for any ``eta``."""
+    from scipy.optimize import linprog
+
+    K = P.shape[-1]
+    S = smith_set(P)
+    rest = [j for j in range(K) if j not in S]
+    Pn = P.detach().to(torch.float64).numpy()
+    sub = Pn[np.ix_(S, S)]
+    res = linprog(np.zeros(len(S)), A_ub=-sub, b_ub=-0.5 * np.ones(len(S)), A_eq=np.ones((1, len(S))), b_eq=[1.0],
+                  bounds=[(0, None)] * len(S), method="highs")
+    if not res.success:
+        raise AssertionError(f"the minimax strategy on the Smith set was not found: {res.message}")
+    q = torch.zeros(K, dtype=torch.float64)
+    q[S] = torch.as_tensor(res.x, dtype=torch.float64).clamp_min(0)     # the solver's round-off below 0
+    q /= q.sum()
+    g = float((0.5 - Pn[np.ix_(rest, S)]).min()) if rest else math.inf
+    if eta is None:
+        eta = 0.9 * (g / (1 + g) if rest else 1.0)
+    return (1 - eta) * q + eta / K, S, g
+
+
+def condorcet_counterexample(mu: Tensor, delta: float = 0.1) -> tuple[Tensor, int, int]:
+    r"""For any sampler ``mu`` over ``K >= 3`` responses, a ``P`` with a Condorcet winner ``c`` that the
+    IPO optimum with a uniform reference ranks below another response ``b`` (the chapter's
+    prop-ch4-every-sampler): ``(P, c, b)``.
+
+    ``a = argmax mu`` and ``c, b`` two other responses; ``P[c, a] = P[c, b] = 1/2 + eps``,
+    ``P[b, a] = 1 - delta``; every other response ``k`` loses to ``a, b, c`` with probability
+    ``1 - delta`` each and ties the rest. Then
+    ``(P mu)_b - (P mu)_c = mu_a (1/2 - delta) - eps (mu_a + mu_b + mu_c)``, which with
+    ``eps = mu_a (1/2 - delta) / 2`` is at least ``mu_a (1/2 - delta) / 2 > 0``."""
+    K = mu.shape[-1]
+    if K < 3 or not 0 < delta < 0.5:
+        raise ValueError(f"need K >= 3 responses and 0 < delta < 1/2 (got K={K}, delta={delta})")
+    order = torch.argsort(mu, descending=True).tolist()
+    a, c, b = order[0], order[1], order[2]
+    eps = float(mu[a]) * (0.5 - delta) / 2
+    P = torch.full((K, K), 0.5, dtype=torch.float64)
+
+    def set_(i, j, p):
+        P[i, j], P[j, i] = p, 1 - p
+
+    set_(c, a, 0.5 + eps)
+    set_(c, b, 0.5 + eps)
+    set_(b, a, 1 - delta)
+    for k in order[3:]:
+        for top in (a, b, c):
+            set_(top, k, 1 - delta)
+    return P, c, b
+
+
+# A transitive P (1 > 2 > 3 > 4 in every pairwise majority) that is not strongly transitive
+# (P[0, 2] = 0.7 < P[1, 2] = 0.8): for every sampler the score gaps of the pairs (1, 2) and (3, 4)
+# sum to a negative number, so no sampler keeps the order (the chapter's prop-ch4-no-sampler).
+TRANSITIVE_NO_SAMPLER = 0.5 + torch.tensor([[0.0, 0.05, 0.2, 0.05],
+                                            [-0.05, 0.0, 0.3, 0.2],
+                                            [-0.2, -0.3, 0.0, 0.05],
+                                            [-0.05, -0.2, -0.05, 0.0]], dtype=torch.float64)
+
+
+def best_order_gap(P: Tensor, order: Sequence[int]) -> tuple[float, Tensor]:
+    """``max over samplers mu`` of ``min_i ((P mu)_{o_i} - (P mu)_{o_{i+1}})`` along ``order`` (best
+    first), by linear programming over the simplex, with the maximising ``mu``. Positive iff some
+    sampler makes the IPO optimum with a uniform reference keep the whole order strictly
+    (:func:`logit_gaps`); a sampler with full support then exists too (the set is open)."""
+    from scipy.optimize import linprog
+
+    o = list(order)
+    K = P.shape[-1]
+    Pn = P.detach().to(torch.float64).numpy()
+    D = Pn[o[:-1]] - Pn[o[1:]]                          # rows: the gaps' linear forms in mu
+    # variables (mu_1..mu_K, t): maximise t subject to D mu >= t, mu in the simplex
+    res = linprog(np.r_[np.zeros(K), -1.0], A_ub=np.c_[-D, np.ones(len(D))], b_ub=np.zeros(len(D)),
+                  A_eq=np.r_[np.ones(K), 0.0][None], b_eq=[1.0], bounds=[(0, None)] * K + [(None, None)],
+                  method="highs")
+    if not res.success:
+        raise AssertionError(f"the order LP failed: {res.message}")
+    return float(res.x[-1]), torch.as_tensor(res.x[:K], dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,12 +459,179 @@ def entropy_upper_bound(log_odds: Tensor) -> Tensor:
     return torch.where(eps <= 0.5, bound, torch.full_like(bound, math.log(K)))
 
 
+def monotone_entropy_threshold(K: int) -> float:
+    """``eps*``, the root of ``eps = exp(-(h(eps) + eps log(K-1)))`` on ``(0, 1/2]`` (``h`` the binary
+    entropy; bisection): while the mass off the top response is below it, every non-top response has
+    ``pi(j) < exp(-H(pi))``, so raising every log-odds of the top lowers the entropy (the chapter's
+    prop-ch4-monotone). The left side minus the right increases in ``eps``, so the root is unique."""
+    if K < 2:
+        raise ValueError(f"K={K}: need at least two responses")
+
+    def excess(e):
+        h = -(e * math.log(e) + (1 - e) * math.log1p(-e))
+        return e - math.exp(-(h + e * math.log(K - 1)))
+
+    lo, hi = 1e-12, 0.5
+    if excess(hi) <= 0:
+        return hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+    return lo
+
+
+def collapse_burn_in(log_odds0: Tensor, beta: float, delta: Tensor) -> int:
+    """The first round ``t`` with ``sum_j exp(-L_j(0) - t beta delta_j) < eps*`` (:func:`monotone_entropy_threshold`,
+    ``K = len(delta) + 1``): from then on the entropy of iterated IPO at ``alpha = 1`` falls at every round
+    (the chapter's prop-ch4-monotone), since the mass off the top is at most that sum (thm-ch4-collapse)."""
+    eps_star = monotone_entropy_threshold(len(delta) + 1)
+    rate = float(beta * delta.min())
+    if rate <= 0:
+        raise ValueError("the top response must strictly row-dominate (every delta_j > 0)")
+    t = 0
+    while float(torch.exp(-log_odds0 - t * beta * delta).sum()) >= eps_star:
+        t += 1
+    return t
+
+
+def kl_from_uniform(log_pi: Tensor) -> Tensor:
+    """``KL(u || pi) = -log K - mean_k log pi(k)`` over the last axis (``u`` uniform): the distance that
+    iterated IPO at ``alpha = 1`` increases at every round on the 3-cycle (the chapter's prop-ch4-spiral)."""
+    return -math.log(log_pi.shape[-1]) - log_pi.mean(-1)
+
+
+def cycle_strength(log_pi: Tensor, burn_in: int = 0) -> Tensor:
+    """The paper's cycle strength: the time-averaged variance of the policy's coordinates, i.e. the
+    variance over rounds ``t >= burn_in`` (axis 0) of ``pi_t(k)``, averaged over ``k`` (last axis)."""
+    return log_pi[burn_in:].exp().var(0, unbiased=False).mean(-1)
+
+
+def cyclic_advances(log_pi: Tensor, P: Tensor, clear: float = 0.5) -> Tensor:
+    """How far the leading response turns through the cycle of ``P``, per trajectory of ``log_pi``
+    (``(rounds+1, ..., K)``): the largest net number of leader changes in cyclic order over any
+    stretch of rounds. The leader of a round is the response holding at least ``clear`` of the mass
+    (rounds without one are skipped); a change counts ``+1`` when the new leader beats the old one
+    (``P[new, old] > 1/2``: on-policy feedback rewards what beats the current favourite) and ``-1``
+    otherwise. On the 3-cycle, ``>= 3`` is a full turn."""
+    pi = log_pi.exp()
+    top, lead = pi.max(-1)
+    flat_top, flat_lead = top.reshape(len(pi), -1), lead.reshape(len(pi), -1)
+    out = torch.zeros(flat_lead.shape[1], dtype=torch.long)
+    for n in range(flat_lead.shape[1]):
+        leaders = flat_lead[flat_top[:, n] >= clear, n].tolist()
+        net, low, best = 0, 0, 0
+        for old, new in zip(leaders[:-1], leaders[1:]):
+            if new != old:
+                net += 1 if float(P[new, old]) > 0.5 else -1
+                low, best = min(low, net), max(best, net - min(low, net))
+        out[n] = best
+    return out.reshape(lead.shape[1:])
+
+
 def ranking_accuracy(log_pi: Tensor, P: Tensor) -> Tensor:
     """Fraction of the pairs with ``P[i, j] > 1/2`` that the policy orders the same way,
     ``pi(i) > pi(j)`` (last axis; ties count as wrong)."""
     wins = (P > 0.5)
     agree = (log_pi[..., :, None] > log_pi[..., None, :]) & wins
     return agree.sum((-2, -1)).to(torch.float64) / wins.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's experiment: preference matrices from multi-attribute scores
+# --------------------------------------------------------------------------------------------------
+
+def preference_matrices(scores: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]:
+    """The paper's construction from multi-attribute scores ``scores`` (``(n, K, A)``, one row of ``A``
+    attribute scores per response): for every pair ``i < j`` of a prompt's responses an attribute
+    ``a_ij`` is drawn uniformly from ``rng``, and ``P[i, j] = sigma(s_i[a_ij] - s_j[a_ij])``,
+    ``P[j, i] = 1 - P[i, j]``, ``P[i, i] = 1/2``. Returns ``P`` (``(n, K, K)``) and the attributes drawn
+    (``(n, K(K-1)/2)``, pairs in ``np.triu_indices`` order)."""
+    n, K, A = scores.shape
+    iu, ju = np.triu_indices(K, 1)
+    attr = rng.integers(0, A, size=(n, len(iu)))
+    rows = np.arange(n)[:, None]
+    diff = scores[rows, iu[None], attr] - scores[rows, ju[None], attr]
+    P = torch.full((n, K, K), 0.5, dtype=torch.float64)
+    p = torch.sigmoid(torch.as_tensor(diff, dtype=torch.float64))
+    P[:, iu, ju] = p
+    P[:, ju, iu] = 1 - p
+    return P, attr
+
+
+def is_cyclic(P: Tensor) -> Tensor:
+    """Whether the strict majority relation (``i -> j`` when ``P[i, j] > 1/2``) of each matrix
+    (``(..., K, K)``) has a directed cycle: some response reaches itself, read from the boolean
+    powers of the relation."""
+    K = P.shape[-1]
+    step = ((P > 0.5) & ~torch.eye(K, dtype=torch.bool)).to(torch.float64)
+    reach, power = step.clone(), step.clone()
+    for _ in range(K - 1):
+        power = ((power @ step) > 0).to(torch.float64)
+        reach = torch.maximum(reach, power)
+    return reach.diagonal(dim1=-2, dim2=-1).amax(-1) > 0
+
+
+def strongly_transitive(P: Tensor) -> Tensor:
+    """Whether each matrix (``(..., K, K)``) is strongly transitive along some order of its responses:
+    rows dominated entrywise down the order, ``P[i, k] >= P[j, k]`` for all ``k`` whenever ``i`` comes
+    before ``j`` (:func:`is_strongly_transitive`; ties allowed, as integer scores make them common).
+    All ``K!`` orders are tried at once."""
+    K = P.shape[-1]
+    orders = torch.tensor(list(itertools.permutations(range(K))))            # (K!, K)
+    rows = P[..., orders, :]                                                  # (..., K!, K, K)
+    return ((rows[..., :-1, :] - rows[..., 1:, :]) >= 0).all(-1).all(-1).any(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finite samples: the IPO round on sampled candidates, and the sampled map
+# --------------------------------------------------------------------------------------------------
+
+def sampled_ipo_round(log_pi: Tensor, log_ref: Tensor, counts: Tensor, P: Tensor, beta) -> Tensor:
+    """The minimiser of one round's sampled IPO loss, moved to as gradient descent from ``log_pi``
+    moves (:func:`minimise_newton` on :func:`pair_table_loss` with the expected labels of
+    :func:`pair_counts`), in closed form: with ``counts`` (``(..., K)``) the round's samples per
+    candidate, the loss is a least-squares fit of ``g_i - g_j`` (``g = log pi - log_ref``) to
+    ``beta (P[i, j] - 1/2)`` weighted by ``counts_i counts_j``, solved by ``g = beta P mu_hat + c`` on
+    the candidates that occur (``mu_hat = counts / sum``: the IPO optimum for the empirical
+    sampler); ``c`` keeps their mean logit where it was, and a candidate that does not occur keeps
+    its own. ``beta`` broadcasts like ``log_pi[..., :1]``. Returns log-probabilities."""
+    counts = counts.to(log_pi.dtype)
+    present = counts > 0
+    mu_hat = counts / counts.sum(-1, keepdim=True)
+    target = log_ref + beta * (P @ mu_hat[..., None]).squeeze(-1)
+    n_present = present.sum(-1, keepdim=True).to(log_pi.dtype)
+    shift = ((log_pi - target) * present).sum(-1, keepdim=True) / n_present
+    moved = torch.where(present, target + shift, log_pi)
+    new = torch.where(n_present >= 2, moved, log_pi)          # one candidate alone: no pair, no change
+    return F.log_softmax(new, -1)
+
+
+def sampled_rounds(log_pi0: Tensor, P: Tensor, alpha, beta, lam: float, n_samples: int, rounds: int,
+                   replicates: int, generator: torch.Generator, mu0: Tensor | None = None) -> Tensor:
+    """The sampled map: ``replicates`` runs of iterated IPO from ``log_pi0`` (``(..., K)``, also the
+    fixed reference) whose every round draws ``round(lam n_samples)`` candidates from ``pi_t`` and
+    the rest from ``mu0`` (default uniform) and takes :func:`sampled_ipo_round` for the reference
+    ``∝ pi_t^alpha pi_0^(1-alpha)``: what the real-model rounds do when the model follows the
+    tabular minimiser exactly. Shape ``(rounds+1, replicates, ..., K)``."""
+    K = log_pi0.shape[-1]
+    z0 = log_pi0.expand((replicates,) + log_pi0.shape).clone()
+    mu0 = torch.full((K,), 1.0 / K, dtype=log_pi0.dtype) if mu0 is None else mu0
+    n_on = int(round(lam * n_samples))
+
+    def draw(probs, n):
+        if n == 0:
+            return torch.zeros_like(probs)
+        flat = probs.reshape(-1, K)
+        idx = torch.multinomial(flat, n, replacement=True, generator=generator)
+        return F.one_hot(idx, K).sum(-2).to(probs.dtype).reshape(probs.shape)
+
+    out = [z0]
+    for _ in range(rounds):
+        z = out[-1]
+        counts = draw(z.exp(), n_on) + draw(mu0.expand_as(z), n_samples - n_on)
+        ref = F.log_softmax(alpha * z + (1 - alpha) * z0, -1)
+        out.append(sampled_ipo_round(z, ref, counts, P, beta))
+    return torch.stack(out)
 
 
 # --------------------------------------------------------------------------------------------------
