@@ -126,6 +126,8 @@ def test_pairwise_priority_against_the_closed_form_level_and_the_numpy_recursion
         loss = {k: np.mean(np.log1p(np.exp(-2 * beta * sn * (gn @ v)))[behaviour[both] == k]) for k in (a, b)}
         assert gap == pytest.approx(loss[b] - loss[a], abs=1e-12)
     assert pp.agreement() == np.mean(np.sign(pp.level) == np.sign(pp.loss_gap))
+    keep = np.abs(pp.level) >= 0.1
+    assert pp.agreement(0.1) == np.mean(np.sign(pp.level[keep]) == np.sign(pp.loss_gap[keep]))
 
 
 def test_protocols_and_their_settings():

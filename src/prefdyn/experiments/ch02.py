@@ -101,9 +101,15 @@ class PairPriority:
     level: np.ndarray
     loss_gap: np.ndarray
 
-    def agreement(self) -> float:
-        """The share of pairs whose more prioritised behaviour (level > 0) ends with the lower loss."""
-        return float(np.mean(np.sign(self.level) == np.sign(self.loss_gap)))
+    def decided(self, min_level: float = 0.0) -> np.ndarray:
+        """Which pairs have ``|priority level| >= min_level``."""
+        return np.abs(self.level) >= min_level
+
+    def agreement(self, min_level: float = 0.0) -> float:
+        """The share of the pairs with ``|level| >= min_level`` whose more prioritised behaviour
+        (level > 0) ends with the lower loss."""
+        keep = self.decided(min_level)
+        return float(np.mean(np.sign(self.level[keep]) == np.sign(self.loss_gap[keep])))
 
 
 def pairwise_priority(protocol: Protocol, features: Tensor, s: Tensor, behaviour: np.ndarray, delta: dict, *,
