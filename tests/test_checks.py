@@ -302,6 +302,23 @@ def test_ledger_says_reproduced_only_for_an_adequately_powered_passing_predictio
     assert text.count("## Paper One") == 1 and "{ref}`sec`" in text
 
 
+def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    finished_run(tmp_path / "book" / "_executed", observed=0.9, n=30)                     # default model
+    finished_run(tmp_path / "g1", observed=0.1, n=30, model="gemma3-270m")
+    runs.record("cha", "ci-gemma", tmp_path / "g1")
+    finished_run(tmp_path / "g2", observed=0.9, n=30, model="gemma3-270m")
+    runs.record("cha", "ci-gemma-2", tmp_path / "g2")
+    (row,) = ledger.ledger_rows()
+    assert row["models"] == ("smollm2-135m: reproduced (live); "
+                             "gemma3-270m: not reproduced (ci-gemma), reproduced (ci-gemma-2)")
+    assert "| smollm2-135m: reproduced (live); gemma3-270m: not reproduced (ci-gemma)" in ledger.ledger_markdown()
+    book(tmp_path / "x", monkeypatch, predictions={"rho": {**PREDICTION, "setting": "simulation"}})
+    finished_run(tmp_path / "x" / "book" / "_executed", observed=0.9, n=30)
+    (row,) = ledger.ledger_rows()
+    assert row["models"] == "—"                                   # simulations are about no model
+
+
 def test_a_prediction_on_synthetic_data_is_reproduced_in_simulation_not_on_a_real_llm(tmp_path, monkeypatch):
     book(tmp_path, monkeypatch, predictions={"rho": {**PREDICTION, "setting": "simulation"}})
     finished_run(tmp_path / "book" / "_executed", "cha", observed=0.9, n=30)

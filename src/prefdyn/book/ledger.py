@@ -112,6 +112,21 @@ def short_standing(claim, found: list[dict]) -> str:
     return "; ".join(parts) or "not tested"
 
 
+def by_model(found: list[dict]) -> str:
+    """Per model, the outcomes of the claim's real-model predictions in its runs: ``model: reproduced
+    (labels); not reproduced (labels)``, models in the order their runs come; ``—`` where no run on a
+    real model holds one of its predictions. Runs recorded without a model name count under
+    ``unrecorded model``."""
+    models: dict[str, dict[str, set]] = {}
+    for e in found:
+        if e["setting"] == "real model":
+            outcomes = models.setdefault(e["run"].get("model") or "unrecorded model", {})
+            outcomes.setdefault(e["outcome"], set()).add(e["run"]["label"])
+    return "; ".join(f"{model}: " + ", ".join(f"{result} ({', '.join(sorted(labels))})"
+                                              for result, labels in sorted(outcomes.items()))
+                     for model, outcomes in models.items()) or "—"
+
+
 def ledger_rows(chapters: list[str] | None = None, live: bool = True) -> list[dict]:
     """One row per declared claim: paper, chapter, where, what, standing and evidence (from the live
     run of this build too, unless ``live`` is false: then from the recorded runs alone)."""
@@ -121,7 +136,8 @@ def ledger_rows(chapters: list[str] | None = None, live: bool = True) -> list[di
         for claim in registry.claims:
             found = evidence(claim, runs, registry)
             rows.append({"paper": claim.paper, "chapter": chapter, "claim": claim, "evidence": found,
-                         "standing": standing(claim, found), "short": short_standing(claim, found)})
+                         "standing": standing(claim, found), "short": short_standing(claim, found),
+                         "models": by_model(found)})
     return rows
 
 
@@ -135,7 +151,9 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
            "(`book/recorded/`); nothing on it is typed by hand. A claim is *reproduced on a real LLM* only "
            "where a registered prediction passed in a run large enough to detect the effect (power at "
            "least 0.8, false-pass rate at most 0.05); a prediction that failed at that power is *not "
-           "reproduced*; smaller runs count as evidence neither way.", ""]
+           "reproduced*; smaller runs count as evidence neither way. The column *by model* splits the "
+           "real-model outcomes by the model each run used, so that a property of one model is not read as "
+           "a property of DPO.", ""]
     for key, paper in papers.items():
         mine = [r for r in rows if r["paper"] == key]
         if not mine:
@@ -143,8 +161,9 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
         out += [f"## {paper['title']}", "",
                 f"{paper['authors']}, {paper['venue']} (arXiv {paper['arxiv']}). What of it can be read here: "
                 f"{paper['readable']}.", "",
-                markdown_table(["claim", "what it claims", "this book", "section"],
-                               [[f"`{r['claim'].id}`", r["claim"].claim, r["short"], f"{{ref}}`{r['claim'].section}`"]
+                markdown_table(["claim", "what it claims", "this book", "by model (real-model predictions)", "section"],
+                               [[f"`{r['claim'].id}`", r["claim"].claim, r["short"], r["models"],
+                                 f"{{ref}}`{r['claim'].section}`"]
                                 for r in mine]),
                 "", "Each claim in detail:", ""]
         for r in mine:
