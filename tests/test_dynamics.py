@@ -242,6 +242,29 @@ def test_gaussian_accuracy_of_direction_against_monte_carlo():
         == pytest.approx(dyn.gaussian_reward_accuracy(2.0, 1.0), abs=1e-12)
 
 
+def test_gaussian_plugin_accuracy_is_the_closed_form_on_gaussian_classes_and_predicts_fresh_samples():
+    g = torch.Generator().manual_seed(15)
+    mu_p, mu_m = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64), torch.tensor([-0.5, 0.2, 2.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.3, -0.1], dtype=torch.float64)
+
+    def sample(n_plus, n_minus):
+        x = torch.cat([mu_p + 0.8 * torch.randn(n_plus, 3, generator=g, dtype=torch.float64),
+                       mu_m + 0.8 * torch.randn(n_minus, 3, generator=g, dtype=torch.float64)])
+        return x @ w, torch.tensor([1] * n_plus + [-1] * n_minus)
+
+    z, s = sample(100000, 100000)
+    exact = dyn.gaussian_accuracy_of_direction(w, mu_p, mu_m, 0.8)
+    assert dyn.gaussian_plugin_accuracy(z, s) == pytest.approx(exact, abs=0.003)
+    z, s = sample(300, 100)                                    # unbalanced: classes weighted by their shares
+    zf, sf = sample(300000, 100000)
+    fresh = ((sf * zf) > 0).double().mean().item()
+    assert dyn.gaussian_plugin_accuracy(z, s) == pytest.approx(fresh, abs=0.03)
+    skewed = torch.tensor([10.0, 0.1, 0.1, 0.1, -10.0, -0.1, -0.1, -0.1])   # all right, far from normal:
+    assert 0.6 < dyn.gaussian_plugin_accuracy(skewed, torch.tensor([1, 1, 1, 1, -1, -1, -1, -1])) < 0.8   # a model, not a count
+    with pytest.raises(ValueError, match="two statements of each class"):
+        dyn.gaussian_plugin_accuracy(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 1, -1]))
+
+
 def test_stratified_resample_keeps_strata():
     s = torch.tensor([1, -1, 1, -1, 1, -1, -1, 1])
     groups = ["a", "a", "a", "a", "b", "b", "b", "b"]

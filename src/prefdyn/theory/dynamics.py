@@ -18,9 +18,10 @@ moves only the Yes and No rows, in opposite directions, and ``W_t - W_0 = u v_t^
 
     v_{t+1} = v_t + lr * beta * mean_{x in batch} sigma(-h_t(x)) s(x) g(x),   h_t = 2 beta s v_t^T g.
 
-Everything below is a pure function of tensors. The equations are this module's reconstruction of
-the paper's Theorems 4.1-4.3 in that model (the paper's own constants are not reproduced); the
-chapter ``ch02-dpo-dynamics`` derives each one. All functions work in the dtype they are given
+Everything below is a pure function of tensors. The equations are the book's own reconstruction, in
+that model, of the paper's results on rate, accuracy and priority (the paper's body, its theorem
+statements and constants cannot be read here); the chapter ``ch02-dpo-dynamics`` states and derives
+each one as thm-ch2-rate, thm-ch2-accuracy and thm-ch2-priority. All functions work in the dtype they are given
 (the chapter's exact checks use float64).
 """
 from __future__ import annotations
@@ -277,27 +278,27 @@ def explicit_softmax_dpo(W0: Tensor, features: Tensor, chosen: Tensor, rejected:
 # --------------------------------------------------------------------------------------------------
 
 def first_step_v(features: Tensor, s, beta: float, lr: float) -> Tensor:
-    """Theorem 4.1 (step 1, full batch): ``v_1 = (lr beta / 2) m`` with ``m = mean s g``,
+    """thm-ch2-rate (step 1, full batch): ``v_1 = (lr beta / 2) m`` with ``m = mean s g``,
     ``= (lr beta / 4) Delta`` for balanced classes, because ``sigma(h_0) = sigma(0) = 1/2``."""
     return 0.5 * lr * beta * signed_mean(features, s)
 
 
 def first_step_weight_change(m_norm, beta: float, lr: float):
-    """Theorem 4.1 (step 1, full batch): ``||W_1 - W_0||_F = ||W_1 - W_0||_op = sqrt(2) lr beta ||m|| / 2``
+    """thm-ch2-rate (step 1, full batch): ``||W_1 - W_0||_F = ||W_1 - W_0||_op = sqrt(2) lr beta ||m|| / 2``
     with ``m = mean s g`` the signed mean (:func:`first_step_v`), for any class balance; for balanced
     classes ``m = Delta / 2`` and it is ``sqrt(2) lr beta ||Delta|| / 4``, linear in the distinguishability."""
     return math.sqrt(U_NORM_SQ) * lr * beta * np.asarray(m_norm) / 2
 
 
 def weight_change_bound(t, beta: float, lr: float, feature_norm: float):
-    """Theorem 4.1: ``||W_t - W_0||_F <= sqrt(2) lr beta t G`` for every ``t``, where ``G`` bounds the
+    """thm-ch2-rate: ``||W_t - W_0||_F <= sqrt(2) lr beta t G`` for every ``t``, where ``G`` bounds the
     mean feature norm of every batch (``max ||g||`` for any batch; ``mean ||g||`` for full batch),
     because each step adds ``lr beta mean sigma(-h) s g`` with ``0 < sigma < 1``."""
     return math.sqrt(U_NORM_SQ) * lr * beta * np.asarray(t, dtype=float) * feature_norm
 
 
 def first_order_loss_drop(m_norm_sq, beta: float, lr: float):
-    """Theorem 4.1: the first full-batch step lowers the mean DPO loss by ``lr beta^2 ||m||^2 / 2`` to
+    """thm-ch2-rate: the first full-batch step lowers the mean DPO loss by ``lr beta^2 ||m||^2 / 2`` to
     first order (``= lr beta^2 ||Delta||^2 / 8`` for balanced classes). Exactly, by convexity of
     ``softplus`` (tangent line below, curvature at most 1/4), the true drop ``D`` satisfies
     ``first_order - E[h_1^2]/8 <= D <= first_order``; see :func:`loss_drop_bounds`."""
@@ -315,7 +316,7 @@ def loss_drop_bounds(features: Tensor, s, beta: float, lr: float) -> tuple[float
 
 
 def joint_first_step_gains(features: Tensor, s, groups, beta: float, lr: float) -> dict:
-    """Theorem 4.3 (joint training, step 1, full batch): the mean margin of group ``k`` rises by
+    """thm-ch2-priority (joint training, step 1, full batch): the mean margin of group ``k`` rises by
     exactly ``lr beta^2 <m_bar, m_k>``, with ``m_k`` the group's signed mean and ``m_bar`` the signed
     mean over all examples (``= sum_k (n_k/n) m_k``). Returns ``{group: predicted gain}``."""
     labels = list(groups)
@@ -329,7 +330,7 @@ def joint_first_step_gains(features: Tensor, s, groups, beta: float, lr: float) 
 
 
 def priority_gap(delta_i: Tensor, delta_j: Tensor) -> tuple[float, float]:
-    """Theorem 4.3 identity for two equally sized balanced behaviours: with ``b = (Delta_i+Delta_j)/2``,
+    """thm-ch2-priority identity for two equally sized balanced behaviours: with ``b = (Delta_i+Delta_j)/2``,
     ``<b, Delta_i> - <b, Delta_j> = (||Delta_i||^2 - ||Delta_j||^2) / 2``.
     Returns ``(left side, right side)`` computed separately."""
     b = (delta_i + delta_j) / 2
@@ -347,7 +348,7 @@ def priority_level(delta_i: Tensor, delta_j: Tensor) -> float:
 
 
 def gaussian_reward_accuracy(delta_norm, sigma: float, offset: float = 0.0):
-    """Theorem 4.2, Gaussian case: the classifier ``sign(s <Delta, g>)`` (the reward classifier of the
+    """thm-ch2-accuracy, Gaussian case: the classifier ``sign(s <Delta, g>)`` (the reward classifier of the
     first DPO step) on ``g ~ N(c + s Delta/2, sigma^2 I)`` with ``<c, Delta/||Delta||> = offset`` is right
     with probability ``[Phi((||Delta||/2 + offset)/sigma) + Phi((||Delta||/2 - offset)/sigma)] / 2``,
     which is ``Phi(||Delta|| / (2 sigma))`` when the common mean is orthogonal to ``Delta``."""
@@ -368,8 +369,29 @@ def gaussian_accuracy_of_direction(w: Tensor, mu_plus: Tensor, mu_minus: Tensor,
     return float((norm.cdf(torch.dot(w, mu_plus).item() / scale) + norm.cdf(-torch.dot(w, mu_minus).item() / scale)) / 2)
 
 
+def gaussian_plugin_accuracy(scores: Tensor, s) -> float:
+    """Plug-in prediction of the share of correct rankings ``s(x) z(x) > 0`` from a sample of scores
+    ``z`` (e.g. the policy's log-odds ``u^T W_ref g + 2 v_t^T g`` of thm-ch2-accuracy): fit a normal
+    law ``N(m_c, sd_c^2)`` to ``s z`` within each class ``c`` (preferred answer Yes, No) and return
+    ``sum_c p_c Phi(m_c / sd_c)``, with ``p_c`` the class shares of the sample. For scores that are
+    normal within each class this is the exact accuracy of the classifier (for ``z = <w, g>``,
+    ``g ~ N(mu^c, sigma^2 I)``: :func:`gaussian_accuracy_of_direction`); applied to the training
+    statements it predicts the accuracy on held-out ones drawn from the same laws."""
+    from scipy.stats import norm
+
+    s = _signs(s)
+    signed = (s.to(scores.dtype) * scores).double()
+    out = 0.0
+    for c in (1, -1):
+        x = signed[s == c]
+        if len(x) < 2:
+            raise ValueError(f"the plug-in accuracy needs at least two statements of each class, got {len(x)}")
+        out += len(x) / len(s) * norm.cdf((x.mean() / x.std()).item())
+    return float(out)
+
+
 def subexponential_accuracy_bound(delta_norm, K: float, alpha: float):
-    """Theorem 4.2, alpha-subexponential case: if the noise of the projection on ``Delta/||Delta||`` obeys
+    """thm-ch2-accuracy, alpha-subexponential case: if the noise of the projection on ``Delta/||Delta||`` obeys
     ``P(|xi| >= t) <= 2 exp(-(t/K)^alpha)`` and the common mean is orthogonal to ``Delta``, the reward
     classifier is right with probability at least ``1 - 2 exp(-(||Delta|| / (2K))^alpha)`` (clipped at 0)."""
     return np.clip(1 - 2 * np.exp(-(np.asarray(delta_norm, dtype=float) / (2 * K)) ** alpha), 0.0, 1.0)
