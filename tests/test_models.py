@@ -78,6 +78,20 @@ def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(packaged, tm
     assert calls, "the features of the old weights were served after the weights changed"
 
 
+def test_the_frozen_prefix_reproduces_the_full_models_last_states(packaged):
+    """Top blocks run on cached states give the full model's states, for every block count: on Gemma 3
+    each block keeps its own attention kind (sliding or full) and rotary base."""
+    prompts = [models.chat_prompt(packaged.tokenizer, "Is the sky blue?"), "Hello there, how are you doing today?"]
+    full = features.last_token_states(packaged.model, packaged.tokenizer, prompts, "cpu")
+    n_layers = len(models.transformer_blocks(packaged.model))
+    types = list(getattr(packaged.model.config, "layer_types", None) or [])
+    for n in sorted({1, 2, n_layers - 1}):
+        prefix = features.FrozenPrefix(packaged.model, packaged.tokenizer, prompts, n, "cpu")
+        with torch.no_grad():
+            assert torch.allclose(prefix.last_states(packaged.model), full, atol=1e-4), f"top {n} block(s)"
+    assert list(getattr(packaged.model.config, "layer_types", None) or []) == types   # the config is restored
+
+
 def test_prompts_start_as_the_tokenizer_starts_a_sequence(packaged):
     tok = packaged.tokenizer
     assert tokens.encode_prompt(tok, "Is fire cold?") == tok.encode("Is fire cold?")

@@ -102,11 +102,19 @@ class FrozenPrefix:
         self.last = mask.sum(1) - 1
 
     def last_states(self, model) -> Tensor:
+        """The decoder run on the cached states with its layer list cut to the top blocks. A config
+        that lists a kind per layer (Gemma 3's ``layer_types``: sliding-window or full attention, each
+        with its own rotary base), read by the forward pass by position in the list, is cut the same
+        way for the call, so every block keeps its own mask and positions."""
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        saved = base.layers
+        saved, types = base.layers, getattr(base.config, "layer_types", None)
         base.layers = torch.nn.ModuleList(list(saved)[-self.n_blocks:])
+        if types is not None:
+            base.config.layer_types = list(types)[-self.n_blocks:]
         try:
             hidden = base(inputs_embeds=self.states, attention_mask=self.mask, use_cache=False).last_hidden_state
         finally:
             base.layers = saved
+            if types is not None:
+                base.config.layer_types = types
         return hidden[torch.arange(len(self.last), device=hidden.device), self.last]
