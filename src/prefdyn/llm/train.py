@@ -15,11 +15,16 @@ make on the whole batch. The objectives are thin wrappers that build ``loss_fn``
 * :func:`train_sft`: the mean per-token negative log-likelihood of demonstrations;
 * :func:`train_candidate_table`: a loss of the candidate log-probabilities of single-token answers
   (the tabular world of chapter 4 on a real model).
+
+Which weights train is set beforehand: :func:`train_only_top_blocks` freezes all but the top
+blocks; :func:`lora_adapters` gives the model low-rank adapters (:mod:`peft`) to train instead and
+to merge back into its weights afterwards.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -283,3 +288,28 @@ def train_only_top_blocks(model: torch.nn.Module, n_blocks: int | None) -> int:
     for module in trained:
         module.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int):
+    """Freeze ``model`` and give its query and value projections LoRA adapters (Hu et al. 2021):
+    each adapted weight becomes ``W + (alpha / r) B A`` with ``A`` (``r x d_in``) drawn from
+    ``seed`` and ``B`` (``d_out x r``) zero, so the adapted model starts as the model itself, and only
+    ``A`` and ``B`` train. The configuration is :class:`peft.LoraConfig` (no dropout) with peft's
+    default targets for the model's architecture, its query and value projections (``q_proj`` and
+    ``v_proj`` in Llama, Mistral and Gemma 3, as :meth:`~torch.nn.Module.named_modules` lists them).
+
+    Returns the :class:`peft.PeftModel`, which wraps ``model`` in place: train it (e.g. with
+    :func:`train_preferences` on a policy holding it), then ``merge_and_unload()`` adds every
+    ``(alpha / r) B A`` to its weight and returns ``model``, a plain model again. Raises ``ValueError``
+    for a non-positive ``r`` or ``alpha``, or (from peft) for an architecture it has no default for.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if any(isinstance(x, bool) or not isinstance(x, kind) or x <= 0 for x, kind in ((r, int), (alpha, (int, float)))):
+        raise ValueError(f"LoRA needs a positive integer rank r and a positive alpha (got r={r!r}, alpha={alpha!r})")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+        torch.manual_seed(seed)                                       # the caller's generators stay as they were
+        # peft asks transformers 5 for a renamed attribute; the deprecation note is not the reader's business
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0))
