@@ -244,3 +244,20 @@ def test_second_final_norm_is_the_authors_rms_norm_again(smol):
     manual = G * torch.rsqrt(G.pow(2).mean(-1, keepdim=True) + eps) * weight
     assert torch.allclose(ch02.second_final_norm(smol, G), manual, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ch02.second_final_norm(smol, G), G, rtol=1e-3)
+
+
+@pytest.mark.slow   # umap-learn compiles its kernels (numba) on first use
+def test_umap_coordinates_keep_separated_clusters_apart_and_are_reproducible():
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.zeros(2, 40, dtype=torch.float64)
+    centres[1, 0] = 12.0
+    labels = np.repeat([0, 1], 30)
+    features = centres[labels] + torch.randn(60, 40, generator=gen, dtype=torch.float64)
+    xy = ch02.umap_coordinates(features, seed=0)
+    assert xy.shape == (60, 2)
+    means = np.stack([xy[labels == k].mean(0) for k in (0, 1)])
+    nearest = np.argmin(((xy[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    assert (nearest == labels).all()                       # every point nearer its own cluster's centre
+    np.testing.assert_array_equal(ch02.umap_coordinates(features, seed=0), xy)
+    with pytest.raises(ValueError, match="at least 4 statements"):
+        ch02.umap_coordinates(features[:3], seed=0)

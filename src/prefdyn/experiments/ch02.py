@@ -6,7 +6,8 @@ run in the chapter on one thread. The two drivers here are the steps that need e
 :func:`bootstrap_rank_correlations` retrains every bootstrap resample at once in batched matrix
 products, and :func:`full_model_dpo` aligns the transformer itself with LoRA. :func:`flipped_dpo`
 then misaligns a model's last layer at a step of its own, which :func:`normalised_distinguishability`
-accompanies: both are blind to the features' scale.
+accompanies: both are blind to the features' scale. :func:`umap_coordinates` draws the features as
+the paper's visualisation notebooks do.
 """
 from __future__ import annotations
 
@@ -256,3 +257,21 @@ def flipped_dpo(features: Tensor, s: Tensor, behaviour: np.ndarray, *, beta: flo
     loss = [dyn.last_layer_dpo(features[behaviour == b], -s[behaviour == b], beta=beta, lr=lr, steps=steps).loss[:, 0]
             for b in names]
     return FlippedRun(names, lr, np.stack(loss, axis=1))
+
+
+#: The behaviour whose features the authors' visualisation notebooks draw before and after DPO.
+PICTURED_BEHAVIOUR = "willingness-to-make-acausal-trades-with-other-AIs-to-help-humanity"
+
+
+def umap_coordinates(features: Tensor, seed: int, n_neighbors: int = 15) -> np.ndarray:
+    """Two-dimensional UMAP coordinates (McInnes, Healy & Melville 2018, :mod:`umap` of umap-learn,
+    Euclidean metric) of the rows of ``features``, as the authors picture final-layer embeddings;
+    ``n_neighbors`` is capped at ``n - 1``, and ``seed`` makes the layout reproducible (umap-learn then
+    runs on one thread). A picture, not a measurement: distances in it are not the features'."""
+    import umap
+
+    n = len(features)
+    if n < 4:
+        raise ValueError(f"a UMAP picture needs at least 4 statements, got {n}: raise per_behaviour")
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), n_components=2, random_state=seed, n_jobs=1)
+    return reducer.fit_transform(features.double().numpy())
