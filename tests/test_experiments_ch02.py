@@ -114,6 +114,35 @@ def test_full_model_dpo_trains_lora_merges_it_and_reads_the_features(smol, monke
     assert run.behaviour.tolist() == [ex.behaviour for ex in examples]
 
 
+@pytest.mark.slow
+def test_lora_misalignment_against_the_same_runs_scored_by_full_forward_passes(smol, monkeypatch, tmp_path):
+    """The driver reads every log-probability from the features and the head; the same three LoRA runs,
+    scored by full forward passes of prompt and answer (preference_logps) with the model's own
+    references, give the same flipped-loss drops; and the model comes back with its own weights."""
+    from prefdyn.llm.train import PreferencePairs, ReferenceLogps, evaluate_preferences
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    policy = dataclasses.replace(smol, model=copy.deepcopy(smol.model))
+    before = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+    statements = load_persona(None, None, max_per_behaviour=8, seed=0)
+    examples = statements[next(iter(statements))]
+    settings = dict(beta=0.1, lora_r=8, lora_alpha=32, steps=3, batch_size=4, lr=2e-3, seed=0)
+    drop = ch02.lora_misalignment(policy, examples, **settings)
+    assert all(torch.equal(v, before[k]) for k, v in policy.model.state_dict().items())
+    pairs = ch02.persona_pairs(smol.tokenizer, examples)
+    flipped = PreferencePairs(pairs.prompts, pairs.rejected, pairs.chosen)
+    expected = {}
+    for label in ("base", "aligned"):
+        fresh = dataclasses.replace(smol, model=copy.deepcopy(smol.model))
+        if label == "aligned":
+            ch02.lora_dpo(fresh, pairs, **settings)                      # its reference: the model at the start
+        reference = ReferenceLogps.of(fresh, flipped)
+        ch02.lora_dpo(fresh, flipped, reference=reference, **settings)
+        expected[label] = math.log(2) - evaluate_preferences(fresh, flipped, reference, settings["beta"])["dpo_loss"]
+    assert drop == pytest.approx(expected, abs=2e-4)
+    assert drop["base"] > 1e-3 and drop["aligned"] > 1e-3                 # the flipped runs lower the flipped loss
+
+
 TINY = {"llama": dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2),
         "gemma3_text": dict(model_type="gemma3_text", vocab_size=32, hidden_size=16, intermediate_size=32,

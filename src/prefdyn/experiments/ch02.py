@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..llm.features import embeddings
 from ..llm.models import Policy, single_token_id
-from ..llm.train import lora_adapters, train_preferences
+from .. import objectives
+from ..llm.train import PreferencePairs, ReferenceLogps, lora_adapters, train_preferences
 from ..params import torch_threads
 from ..theory import dynamics as dyn
 from .persona import persona_features, persona_pairs, reference_from_features
@@ -183,14 +184,29 @@ class FullModelRun:
     n_trained: int
 
 
+def lora_dpo(policy: Policy, pairs: PreferencePairs, *, reference: ReferenceLogps | None = None, beta: float,
+             lora_r: int, lora_alpha: float, steps: int, batch_size: int, lr: float, seed: int) -> tuple[list[dict], int]:
+    """DPO on LoRA adapters, merged, as the authors' ``DPO_training.py`` aligns a model (with ``--peft``):
+    adapters of rank ``lora_r`` and scale ``lora_alpha / lora_r`` on every block's query and value
+    projections (:func:`prefdyn.llm.train.lora_adapters`, drawn from ``seed``), trained with AdamW on
+    ``pairs`` (:func:`prefdyn.llm.train.train_preferences`, ``steps`` steps of ``batch_size`` pairs;
+    ``reference=None``: the model at the start), then merged into the weights (``merge_and_unload``):
+    ``policy.model`` is changed in place and is a plain model again. Trains on every thread; returns the
+    training records and the number of trained (adapter) weights."""
+    adapted = lora_adapters(policy.model, lora_r, lora_alpha, seed)
+    n_trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    with torch_threads(None):                                             # the transformer gets every thread
+        history = train_preferences(replace(policy, model=adapted), pairs, loss="dpo", beta=beta, steps=steps,
+                                    batch_size=batch_size, lr=lr, seed=seed, reference=reference, progress=False)
+    policy.model = adapted.merge_and_unload()                           # W + (alpha/r) B A: the aligned model
+    return history, n_trained
+
+
 def full_model_dpo(policy: Policy, examples: Sequence, *, beta: float, lora_r: int, lora_alpha: float, steps: int,
                    batch_size: int, lr: float, seed: int) -> FullModelRun:
-    """DPO beyond the last layer, as the paper aligns a model: LoRA adapters of rank ``lora_r`` and
-    scale ``lora_alpha / lora_r`` on every block's query and value projections
-    (:func:`prefdyn.llm.train.lora_adapters`, drawn from ``seed``), trained with AdamW on the persona
-    ``examples`` (:func:`prefdyn.llm.train.train_preferences`, ``steps`` steps of ``batch_size`` pairs),
-    then merged into the weights (``merge_and_unload``): ``policy.model`` is changed in place and is a
-    plain model again; then the features of the aligned model are read.
+    """DPO beyond the last layer, as the paper aligns a model: :func:`lora_dpo` on the persona
+    ``examples`` (so ``policy.model`` becomes the merged, aligned model), then the features of the
+    aligned model are read.
 
     The reference log-probabilities are the policy's at ``W_ref`` computed from the frozen features,
     ``log softmax(W_ref g(x))`` at the chosen and the rejected answer token (by the chapter's
@@ -203,16 +219,61 @@ def full_model_dpo(policy: Policy, examples: Sequence, *, beta: float, lora_r: i
     g_before, s, behaviour = persona_features(policy, examples)
     reference = reference_from_features(g_before, examples, head, single_token_id(policy.tokenizer, "Yes"),
                                         single_token_id(policy.tokenizer, "No"))
-    adapted = lora_adapters(policy.model, lora_r, lora_alpha, seed)
-    n_trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    with torch_threads(None):                                             # the transformer gets every thread
-        history = train_preferences(replace(policy, model=adapted), pairs, loss="dpo", beta=beta, steps=steps,
-                                    batch_size=batch_size, lr=lr, seed=seed, reference=reference, progress=False)
-        policy.model = adapted.merge_and_unload()                       # W + (alpha/r) B A: the aligned model
-        with tempfile.TemporaryDirectory() as fresh:                     # the aligned model's features, never cached
-            g_after = embeddings(policy, pairs.prompts, cache=Path(fresh)).double()
+    history, n_trained = lora_dpo(policy, pairs, reference=reference, beta=beta, lora_r=lora_r, lora_alpha=lora_alpha,
+                                  steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    with torch_threads(None), tempfile.TemporaryDirectory() as fresh:   # the aligned model's features, never cached
+        g_after = embeddings(policy, pairs.prompts, cache=Path(fresh)).double()
     return FullModelRun(features_before=g_before, features_after=g_after, s=s, behaviour=behaviour, history=history,
                         n_trained=n_trained)
+
+
+def lora_misalignment(policy: Policy, examples: Sequence, *, beta: float, lora_r: int, lora_alpha: float, steps: int,
+                      batch_size: int, lr: float, seed: int) -> dict[str, float]:
+    """Misalignment as the authors' code runs it, on the persona ``examples`` of one behaviour: the
+    *aligned* model is the base model after :func:`lora_dpo` on the examples (merged); then the base and
+    the aligned model are each trained the same way toward the flipped preferences (``y_w`` and ``y_l``
+    swapped: :func:`lora_dpo` again, each model its own reference, as ``DPO_training.py --flip``,
+    with ``--peft_base`` for the aligned one), and the flipped DPO loss of every example is measured
+    after the flipped run against that model's own reference, so it starts at ``log 2``.
+
+    The adapters leave the unembedding ``W_ref`` as it is, so every log-probability needed is
+    ``log softmax(W_ref g(x))`` of the current model's features (:func:`reference_from_features`, as in
+    :func:`full_model_dpo`): one forward pass of the prompts per model. Returns ``{"base": drop,
+    "aligned": drop}``, each ``log 2`` minus the flipped loss after the flipped run: its misalignment.
+    ``policy.model`` is left with the weights it came with."""
+    pairs = persona_pairs(policy.tokenizer, examples)
+    head = policy.model.get_output_embeddings().weight.detach().float().cpu()
+    yes, no = single_token_id(policy.tokenizer, "Yes"), single_token_id(policy.tokenizer, "No")
+    settings = dict(beta=beta, lora_r=lora_r, lora_alpha=lora_alpha, steps=steps, batch_size=batch_size, lr=lr,
+                    seed=seed)
+
+    def answer_logps(cache: Path | None = None) -> ReferenceLogps:
+        """``log pi(y_w|x)``, ``log pi(y_l|x)`` of the current model; the base model's from the cache."""
+        g = embeddings(policy, pairs.prompts, cache=cache).double()
+        return reference_from_features(g, examples, head, yes, no)
+
+    def flip(logps: ReferenceLogps) -> ReferenceLogps:
+        return ReferenceLogps(logps.rejected, logps.chosen)
+
+    original = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+    flipped = PreferencePairs(pairs.prompts, pairs.rejected, pairs.chosen)
+    drop = {}
+    try:
+        with torch_threads(None), tempfile.TemporaryDirectory() as fresh:    # trained models' features, never cached
+            base = answer_logps()
+            for label in ("base", "aligned"):
+                policy.model.load_state_dict(original)                        # each starts from the base model
+                reference = base
+                if label == "aligned":
+                    lora_dpo(policy, pairs, reference=base, **settings)
+                    reference = answer_logps(Path(fresh, "aligned"))
+                lora_dpo(policy, flipped, reference=flip(reference), **settings)
+                after = answer_logps(Path(fresh, f"{label}-flipped"))
+                loss = objectives.dpo_loss(after.rejected, after.chosen, reference.rejected, reference.chosen, beta)
+                drop[label] = math.log(2) - loss.mean().item()
+    finally:
+        policy.model.load_state_dict(original)
+    return drop
 
 
 def normalised_distinguishability(features: Tensor, s: Tensor, behaviour: np.ndarray) -> np.ndarray:
@@ -240,20 +301,23 @@ class FlippedRun:
         return self.loss[0] - self.loss[-1]
 
 
-def flipped_dpo(features: Tensor, s: Tensor, behaviour: np.ndarray, *, beta: float, lr_fraction: float,
-                steps: int) -> FlippedRun:
+def flipped_dpo(features: Tensor, s: Tensor, behaviour: np.ndarray, *, beta: float, steps: int,
+                lr_fraction: float | None = None, lr: float | None = None) -> FlippedRun:
     """Misalignment on the last layer (the paragraph after thm-ch2-priority): every behaviour trained
     alone toward the flipped preferences ``-s(x)`` from these features, the model its own reference
     (:func:`prefdyn.theory.dynamics.last_layer_dpo`, full batch), at the step ``lr_fraction·2/L`` of
     *this* model, ``L`` = :func:`prefdyn.theory.dynamics.smoothness` of these features (the largest over
-    behaviours).
+    behaviours), or at a given step ``lr`` (give one of the two).
 
-    The step makes the run blind to the features' scale: under ``g -> c g``, ``L -> c^2 L`` so the step
-    becomes ``lr / c^2``, and by thm-ch2-rank-one ``v_t -> v_t / c`` solves the recursion with the same
-    margins ``h_t = 2 beta s v_t^T g`` (eq-ch2-margin), hence the same losses at every step. A step
-    common to two models would instead let a model with larger features misalign faster."""
+    The own step makes the run blind to the features' scale: under ``g -> c g``, ``L -> c^2 L`` so the
+    step becomes ``lr / c^2``, and by thm-ch2-rank-one ``v_t -> v_t / c`` solves the recursion with the
+    same margins ``h_t = 2 beta s v_t^T g`` (eq-ch2-margin), hence the same losses at every step. A step
+    ``lr`` common to two models would instead let a model with larger features misalign faster."""
+    if (lr_fraction is None) == (lr is None):
+        raise ValueError("give flipped_dpo either lr_fraction (this model's own step lr_fraction·2/L) or lr")
     names = list(dict.fromkeys(behaviour.tolist()))
-    lr = lr_fraction * 2 / dyn.smoothness(features, beta, behaviour.tolist())
+    if lr is None:
+        lr = lr_fraction * 2 / dyn.smoothness(features, beta, behaviour.tolist())
     loss = [dyn.last_layer_dpo(features[behaviour == b], -s[behaviour == b], beta=beta, lr=lr, steps=steps).loss[:, 0]
             for b in names]
     return FlippedRun(names, lr, np.stack(loss, axis=1))
