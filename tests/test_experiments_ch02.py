@@ -215,6 +215,12 @@ def test_flipped_dpo_is_blind_to_the_features_scale_and_a_common_step_is_not():
                                             steps=steps).loss[:, 0] for b in base.behaviours], axis=1)
     assert np.abs(common(c) - base.loss).max() > 0.1
     assert (common(1.2)[-1] < base.loss[-1] - 1e-3).all()
+    # the common step given to flipped_dpo itself is the same run as the recursion at that step
+    np.testing.assert_allclose(ch02.flipped_dpo(c * g, s, behaviour, beta=beta, lr=base.lr, steps=steps).loss,
+                               common(c), rtol=1e-12, atol=1e-14)
+    for both_or_neither in (dict(), dict(lr=base.lr, lr_fraction=0.75)):
+        with pytest.raises(ValueError, match="either lr_fraction"):
+            ch02.flipped_dpo(g, s, behaviour, beta=beta, steps=steps, **both_or_neither)
 
 
 def test_normalised_distinguishability_is_the_gap_over_the_rms_spread_and_blind_to_scale():
