@@ -210,8 +210,8 @@ def full_model_dpo(policy: Policy, examples: Sequence, *, beta: float, lora_r: i
 
     The reference log-probabilities are the policy's at ``W_ref`` computed from the frozen features,
     ``log softmax(W_ref g(x))`` at the chosen and the rejected answer token (by the chapter's
-    eq-ch2-margin they are the model's own). The features before training are read on the caller's
-    threads (and from the feature cache); training and the aligned model's features (never cached)
+    eq-ch2-margin they are the model's own). The features before training come from the feature
+    cache where it has them, those of the aligned model never do; every forward pass and the training
     take every thread.
     """
     pairs = persona_pairs(policy.tokenizer, examples)

@@ -20,7 +20,7 @@ from ..llm.train import (
     train_only_top_blocks,
     train_preferences,
 )
-from ..params import resolve_device, seed_everything
+from ..params import resolve_device, seed_everything, torch_threads
 
 
 def persona_pairs(tokenizer, examples) -> PreferencePairs:
@@ -35,9 +35,12 @@ def persona_features(policy, examples, chat_template: bool = True) -> tuple[Tens
     token of each question (:func:`prefdyn.llm.features.embeddings`, float64, shape ``(n, d)``), in
     the chat template or, with ``chat_template=False``, the raw ``question`` text as the authors'
     ``last_layer_training.py`` feeds it; the sign ``s = +1`` when the preferred answer is Yes (the
-    cluster ``C_{k,+}``) and ``-1`` otherwise; and each statement's behaviour (its concept ``k``)."""
+    cluster ``C_{k,+}``) and ``-1`` otherwise; and each statement's behaviour (its concept ``k``).
+    The transformer's forward passes take every thread, whatever the caller's setting."""
     prompts = [chat_prompt(policy.tokenizer, ex.question) if chat_template else ex.question for ex in examples]
-    return (embeddings(policy, prompts).double(), torch.tensor([1 if ex.matches else -1 for ex in examples]),
+    with torch_threads(None):
+        g = embeddings(policy, prompts)
+    return (g.double(), torch.tensor([1 if ex.matches else -1 for ex in examples]),
             np.array([ex.behaviour for ex in examples]))
 
 
