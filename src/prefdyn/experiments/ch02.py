@@ -2,12 +2,14 @@
 
 The chapter's mathematics (last-layer DPO on frozen features ``g(x)``, preference gaps
 ``Delta_k``, the priority predictor ``<Delta_bar, Delta_k>``) is :mod:`prefdyn.theory.dynamics`,
-run in the chapter on one thread. The two drivers here are the steps that need every thread:
+run in the chapter on one thread. The drivers here are the steps that need every thread:
 :func:`bootstrap_rank_correlations` retrains every bootstrap resample at once in batched matrix
-products, and :func:`full_model_dpo` aligns the transformer itself with LoRA. :func:`flipped_dpo`
-then misaligns a model's last layer at a step of its own, which :func:`normalised_distinguishability`
-accompanies: both are blind to the features' scale. :func:`umap_coordinates` draws the features as
-the paper's visualisation notebooks do.
+products, and :func:`full_model_dpo` aligns the transformer itself with LoRA (:func:`lora_dpo`).
+:func:`flipped_dpo` then misaligns a model's last layer at a step of its own, which
+:func:`normalised_distinguishability` accompanies: both are blind to the features' scale.
+:func:`lora_misalignment` misaligns the whole model as the authors' code does (LoRA DPO on a
+behaviour, then LoRA DPO toward its flipped labels, from the aligned and from the base model).
+:func:`umap_coordinates` draws the features as the paper's visualisation notebooks do.
 """
 from __future__ import annotations
 
@@ -253,6 +255,7 @@ def lora_misalignment(policy: Policy, examples: Sequence, *, beta: float, lora_r
         return reference_from_features(g, examples, head, yes, no)
 
     def flip(logps: ReferenceLogps) -> ReferenceLogps:
+        """The same log-probabilities for the flipped pairs, whose ``y_w`` is the original ``y_l``."""
         return ReferenceLogps(logps.rejected, logps.chosen)
 
     original = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
