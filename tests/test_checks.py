@@ -13,12 +13,21 @@ from scipy.stats import spearmanr
 from prefdyn.book import ledger, registry, runs
 from prefdyn.book.verify import Verification, VerificationFailed, runs_table, summary_line
 from prefdyn.params import Run
-from prefdyn.stats import bootstrap_mean_ci, pass_probability, spearman_lower_bound
+from prefdyn.stats import (MeanWorld, ProportionWorld, SpearmanWorld, bootstrap_mean_ci, mean_lower_bounds,
+                           pass_probability, simulated_pass_rate, spearman_lower_bound, world_from_json)
 
 PAPERS = {"p1": {"title": "Paper One", "authors": "A and B", "venue": "V", "arxiv": "0000.00000", "readable": "all"}}
 PREDICTION = {"claim": "x correlates with y", "statistic": "Spearman(x, y)", "test": "spearman",
               "passes_if": ">= 0.6", "n": {"smoke": 4, "ci": 12, "full": 30}, "units": "behaviours",
-              "effect": 0.8, "effect_source": "stated minimal effect", "no_effect": 0.0}
+              "effect": 0.8, "effect_source": "stated minimal effect", "no_effect": 0.0,
+              "null_world": "y is unrelated to x: the run's y values paired with x at random",
+              "control": {"claim": "training moved y", "statistic": "mean |Δy|", "passes_if": ">= 0.5"},
+              "independence": "behaviours are trained separately"}
+
+
+def world(n: int):
+    """The units of a run: n behaviours whose y rises with x."""
+    return SpearmanWorld(np.arange(n, dtype=float), np.arange(n, dtype=float))
 
 
 def book(tmp_path, monkeypatch, chapters=("cha",), predictions=None, claims=None):
@@ -106,6 +115,10 @@ def test_pass_probability_refuses_bad_input(args, match):
 @pytest.mark.parametrize("change, match", [
     ({"test": "median"}, "test 'median'"), ({"passes_if": "at least 0.6"}, "passes_if"),
     ({"n": {"smoke": 3, "ci": 12}}, "each of smoke, ci, full"), ({"no_effect": None}, "missing no_effect"),
+    ({"control": {"claim": "c", "passes_if": ">= 1"}}, "control must have exactly the keys"),
+    ({"control": {"claim": "c", "statistic": "s", "passes_if": "big"}}, "control.passes_if 'big'"),
+    ({"implied_by": {"identity": "i", "regime": "r", "implied_if": ">= x"}}, "'x' is not a number"),
+    ({"version": 2}, "give its `reason:`"), ({"version": 0}, "version 0"),
 ])
 def test_a_malformed_prediction_is_refused_naming_the_fix(tmp_path, monkeypatch, change, match):
     entry = {k: v for k, v in {**PREDICTION, **change}.items() if v is not None}
@@ -176,21 +189,137 @@ def test_identities_and_bounds_need_a_kind_and_pass_only_within_tolerance(tmp_pa
 
 
 @pytest.mark.parametrize("observed, n, status", [
-    (0.9, 30, "reproduced"), (0.1, 30, "not reproduced"), (0.9, 4, "underpowered (passed)"),
+    (0.9, 30, "reproduced"), (0.1, 30, "not reproduced"),
+    (0.9, 4, "inconclusive (passed; false-pass"), (0.1, 3, "inconclusive (failed; power"),
     (math.nan, 30, "not reproduced"),
 ])
-def test_a_prediction_takes_its_threshold_and_power_from_the_registry(tmp_path, monkeypatch, observed, n, status):
+def test_a_prediction_takes_its_threshold_from_the_registry_and_its_rates_from_the_runs_units(
+        tmp_path, monkeypatch, observed, n, status):
     book(tmp_path, monkeypatch)
     v = Verification("cha", scale="ci")
-    check = v.predict("rho", observed, n=n)
-    assert check.status == status and check.kind == "prediction"
-    assert check.prediction["power"] == pytest.approx(pass_probability("spearman", n, 0.8, ">=", 0.6))
-    assert check.prediction["registered_n"] == 12
-    assert "registered 12" in v.table()
+    check = v.predict("rho", observed, world=world(n), control=1.0)
+    assert check.status.startswith(status) and check.kind == "prediction"
+    p = check.prediction
+    assert p["power_closed_form"] == pytest.approx(pass_probability("spearman", n, 0.8, ">=", 0.6))
+    assert p["power"] == p["power_simulated"] and p["false_pass"] == p["false_pass_simulated"]
+    assert p["registered_n"] == 12 and p["n"] == n and p["version"] == 1
+    assert p["control"] == {"claim": "training moved y", "statistic": "mean |Δy|", "passes_if": ">= 0.5",
+                            "observed": 1.0, "passed": True}
+    assert world_from_json(p["world"]).to_json() == p["world"]
+    assert "registered 12" in v.table() and "control: training moved y" in v.table()
     with pytest.raises(ValueError, match="already checked"):
-        v.predict("rho", observed, n=n)
+        v.predict("rho", observed, world=world(n), control=1.0)
     with pytest.raises(registry.RegistryError, match="'other' is not registered"):
         v.predict("other", 0.0, n=3)
+
+
+@pytest.mark.parametrize("passed, power, false_pass, status", [
+    (True, 0.9, 0.01, "reproduced"), (True, 0.3, 0.01, "reproduced"),
+    (True, 0.9, 0.2, "inconclusive (passed; false-pass 0.20 > 0.05)"),
+    (False, 0.9, 0.2, "not reproduced"), (False, 0.5, 0.01, "inconclusive (failed; power 0.50 < 0.8)"),
+])
+def test_the_verdict_rule_qualifies_a_pass_by_its_false_pass_rate_and_a_failure_by_its_power(
+        passed, power, false_pass, status):
+    from prefdyn.book.verify import outcome, prediction_status
+
+    assert prediction_status(passed, power, false_pass) == status
+    failed_control = {"claim": "oracle gain", "observed": 0.0, "passes_if": ">= 0.1", "passed": False}
+    assert prediction_status(passed, power, false_pass, control=failed_control) == \
+        "inconclusive (no headroom: oracle gain: measured 0.0, needs >= 0.1)"
+    assert prediction_status(passed, power, false_pass, control=failed_control, implied_by="eq-1") == "implied by eq-1"
+    assert outcome(prediction_status(passed, power, false_pass)) in ("reproduced", "not reproduced", "inconclusive")
+    assert outcome("underpowered (passed)") == outcome("not selective (failed)") == "inconclusive"
+
+
+def test_a_failed_control_a_forcing_identity_and_a_missing_world_keep_a_prediction_from_counting(tmp_path, monkeypatch):
+    implied = {"identity": "eq-first-step", "regime": "first-order ratio", "implied_if": ">= 0.7"}
+    book(tmp_path, monkeypatch, predictions={"rho": PREDICTION, "rho2": {**PREDICTION, "implied_by": implied},
+                                             "bare": {k: v for k, v in PREDICTION.items()
+                                                      if k not in ("null_world", "control")}})
+    v = Verification("cha", scale="ci")
+    assert v.predict("rho", 0.9, world=world(30), control=0.1).status == \
+        "inconclusive (no headroom: training moved y: measured 0.1, needs >= 0.5)"
+    assert v.predict("rho2", 0.9, world=world(30), control=1.0, regime=0.9).status == "implied by eq-first-step"
+    assert v.predict("bare", 0.9, world=world(30)).status == "inconclusive (no null world registered)"
+    v2 = Verification("cha", scale="ci")
+    assert v2.predict("rho2", 0.9, world=world(30), control=1.0, regime=0.3).status == "reproduced"
+    assert v2.predict("rho", 0.9, n=30, control=1.0).status == "inconclusive (power not simulated from the run's units)"
+    with pytest.raises(ValueError, match="pass control= exactly when"):
+        v2.predict("bare", 0.9, world=world(30), control=1.0)
+    with pytest.raises(ValueError, match="pass regime= exactly when"):
+        Verification("cha").predict("rho2", 0.9, world=world(30), control=1.0)
+    with pytest.raises(ValueError, match="the world has 30 units"):
+        Verification("cha").predict("rho", 0.9, n=12, world=world(30), control=1.0)
+
+
+# --- worlds: the statistic a run computed, rebuilt from its own units ------------------------------
+
+def test_mean_lower_bounds_are_the_bootstrap_of_bootstrap_mean_ci():
+    x = np.random.default_rng(0).normal(size=17)
+    assert mean_lower_bounds(x[None], 300, np.random.default_rng(5))[0] == pytest.approx(
+        bootstrap_mean_ci(x, n_boot=300, seed=5)[1], abs=1e-12)
+
+
+def test_the_mean_world_matches_the_noncentral_t_on_normal_units():
+    values = np.random.default_rng(1).normal(size=40)
+    for d in (0.0, 0.4):
+        sim = simulated_pass_rate(MeanWorld(values, n_boot=400), d, ">", 0.0, seed=3, sims=800)
+        assert sim == pytest.approx(pass_probability("mean_lower_bound", 40, d, ">", 0.0), abs=0.06)
+
+
+def test_the_mean_world_keeps_the_runs_skew():
+    """With a heavy right tail a small sample's mean clears zero mostly when it holds one of the rare
+    large values, and then the bootstrap (with and without that value) is wide: the lower bound passes
+    less often under the null than the normal model says. The world sees the tail; the closed form cannot."""
+    values = np.random.default_rng(2).lognormal(sigma=1.5, size=8)
+    sim = simulated_pass_rate(MeanWorld(values, n_boot=400), 0.0, ">", 0.0, seed=4, sims=1000)
+    assert sim < pass_probability("mean_lower_bound", 8, 0.0, ">", 0.0) - 0.02
+
+
+def test_the_proportion_world_is_the_binomial():
+    for lower in (False, True):
+        sim = simulated_pass_rate(ProportionWorld(20, lower), 0.85, ">=" if not lower else ">",
+                                  0.9 if not lower else 0.5, seed=1, sims=20000)
+        exact = pass_probability("proportion_lower_bound" if lower else "proportion", 20, 0.85,
+                                 ">" if lower else ">=", 0.5 if lower else 0.9)
+        assert sim == pytest.approx(exact, abs=0.01)
+
+
+def test_the_spearman_world_without_noise_matches_the_closed_form_and_its_null_is_a_permutation():
+    x = np.random.default_rng(0).normal(size=12)
+    w = SpearmanWorld(x, np.random.default_rng(1).normal(size=12))
+    assert simulated_pass_rate(w, 0.8, ">=", 0.6, seed=2, sims=4000) == pytest.approx(
+        pass_probability("spearman", 12, 0.8, ">=", 0.6), abs=0.025)
+    assert simulated_pass_rate(w, 0.8, ">=", 0.6, seed=2, sims=3000) == pytest.approx(
+        pass_probability("spearman", 12, 0.8, ">=", 0.6), abs=0.05)
+    rng = np.random.default_rng(3)
+    perm = np.mean([spearmanr(x, rng.permutation(w.y))[0] >= 0.5 for _ in range(4000)])
+    assert simulated_pass_rate(w, 0.0, ">=", 0.5, seed=4, sims=4000) == pytest.approx(perm, abs=0.015)
+    lower = SpearmanWorld(x, w.y, lower_bound=True)
+    assert simulated_pass_rate(lower, 0.6, ">", 0.0, seed=5, sims=400) == pytest.approx(
+        pass_probability("spearman_lower_bound", 12, 0.6, ">", 0.0), abs=0.08)
+
+
+def test_measurement_noise_lowers_the_spearman_worlds_power():
+    """Chapter 3's case: the held-out error at each K is measured on m statements; with 12 the
+    binomial noise swamps a strong trend that 1,000 statements would show."""
+    K = np.array([1, 2, 3, 4, 8, 11], float)
+    err = 0.20 + 0.05 * np.log(K)
+    se = lambda m: np.sqrt(err * (1 - err) / m)
+    power = {m: simulated_pass_rate(SpearmanWorld(K, err, se(m)), 0.97, ">=", 0.8, seed=1) for m in (12, 1000)}
+    noiseless = simulated_pass_rate(SpearmanWorld(K, err), 0.97, ">=", 0.8, seed=1)
+    assert power[12] < 0.2 < 0.6 < power[1000] <= noiseless + 0.03
+    assert noiseless == pytest.approx(pass_probability("spearman", 6, 0.97, ">=", 0.8), abs=0.04)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MeanWorld([1.0]), "at least 2"), (lambda: SpearmanWorld([1, 2], [1, 2]), "at least 3"),
+    (lambda: SpearmanWorld([1, 2, 3], [1, 2, 3], se=-1), "non-negative"),
+    (lambda: ProportionWorld(1), "at least 2"), (lambda: world_from_json({"kind": "x"}), "unknown world"),
+])
+def test_a_world_refuses_bad_units(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 def test_a_failed_prediction_is_a_result_and_a_failed_identity_is_a_bug(tmp_path, monkeypatch):
@@ -201,7 +330,7 @@ def test_a_failed_prediction_is_a_result_and_a_failed_identity_is_a_bug(tmp_path
     v = Verification(scale="ci")
     assert v.chapter == "cha"                  # the id comes from the executor, not the chapter
     v.close("ok", 0.0, 0.0, atol=1e-9, kind="identity")
-    v.predict("rho", 0.1, n=30)
+    v.predict("rho", 0.1, world=world(30), control=1.0)
     assert v.report("acc", np.float64(0.75), (0.7, 0.8), "held-out accuracy") == 0.75
     v.finish(Run("ci", torch.device("cpu"), 0, {}))       # not reproduced: no exception
     saved = json.loads(path.read_text())
@@ -223,7 +352,7 @@ def test_finish_without_checks_fails_and_a_hand_run_writes_no_json(tmp_path, mon
         Verification().finish()
     v = Verification()
     with pytest.raises(ValueError, match="prefdyn run"):
-        v.predict("rho", 0.0, n=3)
+        v.predict("rho", 0.0, world=world(3), control=1.0)
     v.close("ok", 0.0, 0.0, atol=1e-9, kind="identity")
     v.finish()
     assert list(tmp_path.iterdir()) == []
@@ -235,7 +364,7 @@ def finished_run(folder, chapter="cha", git="abc1234", observed=0.9, n=30, **par
     """Write the two files `prefdyn run` leaves behind, for a run whose prediction measured ``observed``."""
     v = Verification(chapter, scale=params.get("scale", "ci"))
     v.close("exact", 0.0, 0.0, atol=1e-9, kind="identity")
-    v.predict("rho", observed, n=n)
+    v.predict("rho", observed, world=world(n), control=1.0)
     v.report("acc", 0.75)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{chapter}.checks.json").write_text(json.dumps(v.to_json()))
@@ -286,7 +415,7 @@ def test_a_legacy_record_reads_as_unclassified_checks(tmp_path, monkeypatch):
 def test_ledger_says_reproduced_only_for_an_adequately_powered_passing_prediction(tmp_path, monkeypatch):
     book(tmp_path, monkeypatch, chapters=("cha", "chb", "chc"))
     finished_run(tmp_path / "book" / "_executed", "cha", observed=0.9, n=30)   # reproduced
-    finished_run(tmp_path / "book" / "_executed", "chb", observed=0.9, n=4)    # underpowered
+    finished_run(tmp_path / "book" / "_executed", "chb", observed=0.9, n=4)    # inconclusive
     finished_run(tmp_path / "book" / "_executed", "chc", observed=0.1, n=30)   # not reproduced
     finished_run(tmp_path / "big", "chb", observed=0.2, n=40)
     runs.record("chb", "ci-original", tmp_path / "big")
@@ -296,10 +425,35 @@ def test_ledger_says_reproduced_only_for_an_adequately_powered_passing_predictio
     assert not any(s.startswith("**reproduced on a real LLM**") for s in rows["chb"]["standing"])
     assert any(s.startswith("**not reproduced on a real LLM**: `rho` in `ci-original`") and "measured 0.2" in s
                for s in rows["chb"]["standing"])
-    assert any("underpowered" in s and "`live`" in s for s in rows["chb"]["standing"])
+    assert any("inconclusive" in s and "`live`" in s for s in rows["chb"]["standing"])
     assert any(s.startswith("**not reproduced on a real LLM**") for s in rows["chc"]["standing"])
     text = ledger.ledger_markdown()
     assert text.count("## Paper One") == 1 and "{ref}`sec`" in text
+
+
+def test_results_of_an_earlier_registration_are_superseded_and_implied_ones_do_not_count(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    finished_run(tmp_path / "v1", observed=0.9, n=30)
+    runs.record("cha", "ci-v1", tmp_path / "v1")
+    (row,) = ledger.ledger_rows(live=False)
+    assert row["standing"][1].startswith("**reproduced on a real LLM**: `rho` in `ci-v1`")
+    implied = {"identity": "eq-first-step", "regime": "first-order ratio", "implied_if": ">= 0.7"}
+    reg = tmp_path / "chapters" / "claims" / "cha.yml"
+    data = yaml.safe_load(reg.read_text())
+    data["predictions"]["rho"].update(implied_by=implied, version=2, reason="the first-order identity forces it")
+    reg.write_text(yaml.safe_dump(data, allow_unicode=True))
+    v = Verification("cha", scale="ci")
+    v.predict("rho", 0.9, world=world(30), control=1.0, regime=0.95)
+    (tmp_path / "book" / "_executed" / "cha.checks.json").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "book" / "_executed" / "cha.checks.json").write_text(json.dumps(v.to_json()))
+    (tmp_path / "book" / "_executed" / "cha.run.json").write_text(json.dumps({
+        "chapter": "cha", "parameters": {"scale": "ci"}, "seconds": 1.0, "finished": "2026", "git": "abc"}))
+    (row,) = ledger.ledger_rows()
+    assert not any(s.startswith("**reproduced") for s in row["standing"])
+    assert any(s.startswith("implied by a checked identity") and "`live`" in s for s in row["standing"])
+    assert any(s.startswith("superseded") and "`rho` v1 in `ci-v1` (reproduced)" in s for s in row["standing"])
+    assert "implied by an identity" in row["short"] and row["models"] == "unrecorded model: implied (live)"
+    assert "- **reproduced on a real LLM**: none" in ledger.recorded_headline()
 
 
 def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path, monkeypatch):

@@ -8,11 +8,13 @@ live run of this build (``book/_executed/<id>.checks.json``) and every recorded 
 * ``derived, checked exactly`` or ``reconstructed`` (the paper's statement could not be read; the
   book's own version), as the chapter declares;
 * ``reproduced on a real LLM`` only where some run holds a *reproduced* prediction of the claim
-  about a real model (passed, with power ≥ 0.8 and false-pass rate ≤ 0.05 at that run's size),
-  naming the runs; ``reproduced in simulation`` for one about sampled synthetic data;
-* ``not reproduced`` (on a real LLM, or in simulation) where an adequately powered prediction
-  failed, with its numbers;
-* ``underpowered`` where the only runs were too small to count either way;
+  about a real model (:func:`prefdyn.book.verify.prediction_status`: passed at a simulated
+  false-pass rate ≤ 0.05, its positive control met, not implied by an identity), naming the runs;
+  ``reproduced in simulation`` for one about sampled synthetic data;
+* ``not reproduced`` (on a real LLM, or in simulation) where a prediction failed at simulated power
+  ≥ 0.8 with its control met, with its numbers and the control beside them;
+* ``implied by <identity>`` and ``inconclusive (…)`` results are listed, never counted;
+* results of an earlier version of a registration are *superseded*: shown, never counted;
 * ``not tested``, with the chapter's reason.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..store import atomic_write
 from .registry import load_papers, load_registry, registration_history
 from .glue import markdown_table
 from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs, run_identity
-from .verify import NOT_REPRODUCED, REPRODUCED, fmt, outcome
+from .verify import IMPLIED, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, fmt, outcome
 
 HEADLINE_PAGE = "headline.md"   # included by book/intro.md
 PAGE = "ledger.md"
@@ -55,22 +57,33 @@ def describe_run(run: dict) -> str:
 
 def evidence(claim, runs: list[dict], registry) -> list[dict]:
     """Every result of one of the claim's predictions in one of the runs (its setting, real model or
-    simulation, as the run saved it, else as registered)."""
+    simulation, as the run saved it, else as registered); a result of an earlier version of the
+    registration (runs before versions were numbered count as version 1) is ``superseded``."""
     out = []
     for run in runs:
         for c in run["checks"]:
             if c.get("prediction") and c["prediction"]["id"] in claim.predictions:
-                pid = c["prediction"]["id"]
+                pid, p = c["prediction"]["id"], c["prediction"]
                 out.append({"run": run, "prediction": pid, "status": c["status"], "outcome": outcome(c["status"]),
-                            "setting": c["prediction"].get("setting") or registry.prediction(pid).setting,
+                            "setting": p.get("setting") or registry.prediction(pid).setting,
                             "observed": c["observed"], "passes_if": c["tolerance"],
-                            "power": c["prediction"]["power"], "n": c["prediction"]["n"]})
+                            "power": p["power"], "false_pass": p.get("false_pass"), "n": p["n"],
+                            "control": p.get("control"), "version": p.get("version", 1),
+                            "superseded": p.get("version", 1) != registry.prediction(pid).version})
     return out
 
 
 def of_kind(found: list[dict], result: str, setting: str) -> list[dict]:
-    """The evidence with this outcome (``reproduced`` / ``not reproduced``) in this setting."""
-    return [e for e in found if e["outcome"] == result and e["setting"] == setting]
+    """The current (not superseded) evidence with this outcome (``reproduced`` / ``not reproduced``)
+    in this setting."""
+    return [e for e in found if e["outcome"] == result and e["setting"] == setting and not e["superseded"]]
+
+
+def control_text(e: dict) -> str:
+    """``; control: <claim> 0.12 (>= 0.05, met)`` or nothing."""
+    c = e.get("control")
+    return f"; control: {c['claim']} {fmt(c['observed'])} ({c['passes_if']}, {'met' if c['passed'] else 'NOT met'})" \
+        if c else ""
 
 
 def standing(claim, found: list[dict]) -> list[str]:
@@ -82,12 +95,19 @@ def standing(claim, found: list[dict]) -> list[str]:
             out.append(f"**{phrase}**: " + "; ".join(
                 f"`{e['prediction']}` in {describe_run(e['run'])}" + ("" if result == REPRODUCED else
                 f": measured {fmt(e['observed'])}, passes if {e['passes_if']}, power {e['power']:.2f}")
-                for e in here))
-    weak = [e for e in found if e["outcome"] not in (REPRODUCED, NOT_REPRODUCED)]
-    if weak:
-        out.append("underpowered or not selective (no evidence either way): " + "; ".join(
-            f"`{e['prediction']}` in `{e['run']['label']}` ({e['status']}, power {e['power']:.2f} at n = {e['n']})"
-            for e in weak))
+                + control_text(e) for e in here))
+    current = [e for e in found if not e["superseded"]]
+    for word, phrase in ((IMPLIED, "implied by a checked identity in the measured regime (not evidence)"),
+                         (INCONCLUSIVE, "inconclusive (no evidence either way)")):
+        weak = [e for e in current if e["outcome"] == word]
+        if weak:
+            out.append(f"{phrase}: " + "; ".join(
+                f"`{e['prediction']}` in `{e['run']['label']}` ({e['status']}, power {e['power']:.2f} at n = {e['n']})"
+                for e in weak))
+    old = [e for e in found if e["superseded"]]
+    if old:
+        out.append("superseded (results of an earlier registration, not counted): " + "; ".join(
+            f"`{e['prediction']}` v{e['version']} in `{e['run']['label']}` ({e['status']})" for e in old))
     if DECLARED[claim.status]:
         out.insert(0, DECLARED[claim.status] + (f": {claim.why}" if claim.status == "not tested" else ""))
     if claim.predictions and not found:
@@ -105,8 +125,10 @@ def short_standing(claim, found: list[dict]) -> str:
         labels = sorted({e["run"]["label"] for e in of_kind(found, result, setting)})
         if labels:
             parts.append(f"**{phrase}** ({', '.join(labels)})")
-    if any(e["outcome"] not in (REPRODUCED, NOT_REPRODUCED) for e in found):
-        parts.append("underpowered runs")
+    if any(e["outcome"] == IMPLIED and not e["superseded"] for e in found):
+        parts.append("implied by an identity")
+    if any(e["outcome"] == INCONCLUSIVE and not e["superseded"] for e in found):
+        parts.append("inconclusive runs")
     if claim.predictions and not found:
         parts.append("predictions not run")
     return "; ".join(parts) or "not tested"
@@ -119,9 +141,9 @@ def by_model(found: list[dict]) -> str:
     ``unrecorded model``."""
     models: dict[str, dict[str, set]] = {}
     for e in found:
-        if e["setting"] == "real model":
+        if e["setting"] == "real model" and not e["superseded"]:
             outcomes = models.setdefault(e["run"].get("model") or "unrecorded model", {})
-            outcomes.setdefault(e["outcome"], set()).add(e["run"]["label"])
+            outcomes.setdefault(e["outcome"].replace(IMPLIED, "implied"), set()).add(e["run"]["label"])
     return "; ".join(f"{model}: " + ", ".join(f"{result} ({', '.join(sorted(labels))})"
                                               for result, labels in sorted(outcomes.items()))
                      for model, outcomes in models.items()) or "—"
@@ -149,9 +171,11 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
            "`prefdyn book` from the claims and the predictions each chapter registers before it runs "
            "(`chapters/claims/<chapter>.yml`) and from the runs of this build and the recorded runs "
            "(`book/recorded/`); nothing on it is typed by hand. A claim is *reproduced on a real LLM* only "
-           "where a registered prediction passed in a run large enough to detect the effect (power at "
-           "least 0.8, false-pass rate at most 0.05); a prediction that failed at that power is *not "
-           "reproduced*; smaller runs count as evidence neither way. The column *by model* splits the "
+           "where a registered prediction passed at a false-pass rate of at most 0.05 (simulated from the "
+           "run's own units), with its positive control met and no identity forcing the outcome; a "
+           "prediction that failed at a power of at least 0.8, its control met, is *not reproduced*; "
+           "everything else is *implied* or *inconclusive* and counts as evidence neither way, and "
+           "results of an earlier version of a registration are *superseded*. The column *by model* splits the "
            "real-model outcomes by the model each run used, so that a property of one model is not read as "
            "a property of DPO.", ""]
     for key, paper in papers.items():
@@ -177,8 +201,10 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
         out.append("No registered prediction has been changed since it was first committed.")
     for chapter, pid, versions in changed:
         out += [f"- `{chapter}` / `{pid}`:"] + [
-            f"  - {v['commit']} ({v['date']}): passes if `{v['registration']['passes_if']}`, n "
-            f"{v['registration']['n']}, effect {v['registration']['effect']}" for v in versions]
+            f"  - {v['commit']} ({v['date']}): version {v['registration'].get('version', 1)}, passes if "
+            f"`{v['registration']['passes_if']}`, n {v['registration']['n']}, effect {v['registration']['effect']}"
+            + (f"; reason: {v['registration']['reason']}" if v['registration'].get('reason') else "")
+            for v in versions]
     return "\n".join(out) + "\n"
 
 
@@ -196,12 +222,12 @@ def recorded_headline(chapters: list[str] | None = None) -> str:
 
     def failed(setting: str) -> str:
         results = {f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
-                   f"{e['passes_if']})": None for r in rows
+                   f"{e['passes_if']}{control_text(e)})": None for r in rows
                    for e in of_kind(r["evidence"], NOT_REPRODUCED, setting)}   # a prediction may test two claims
         return "; ".join(results) or "none"
 
     untested = sum(1 for r in rows if r["claim"].predictions and not any(
-        e["outcome"] in (REPRODUCED, NOT_REPRODUCED) for e in r["evidence"]))
+        e["outcome"] in (REPRODUCED, NOT_REPRODUCED) and not e["superseded"] for e in r["evidence"]))
     out = [f"The chapters list {len(rows)} claims of the papers: {declared['derived']} derived and checked exactly, "
            f"{declared['reconstructed']} reconstructed (the paper's statement could not be read; the book states "
            f"its own), {declared['empirical']} empirical (about models and data only), {declared['not tested']} not "

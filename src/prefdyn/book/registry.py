@@ -14,7 +14,21 @@ the papers. A registry holds
   synthetic data), the effect it expects (``effect``, with ``effect_source``: the paper's number or a
   stated minimal effect) and the value of the statistic's parameter when there is no effect
   (``no_effect``). Its power and false-pass rate at a size are
-  computed by :func:`prefdyn.stats.pass_probability`.
+  computed by :func:`prefdyn.stats.pass_probability` (the closed form) and, for the run's own units,
+  by simulating the statistic the chapter computed (:class:`prefdyn.stats.MeanWorld` and siblings).
+  Each prediction also answers the three questions of the book's verdict rule
+  (:func:`prefdyn.book.verify.prediction_status`):
+
+  - ``null_world``: what the run would show if the paper's claim were false (the world whose
+    simulated pass rate is the false-pass rate);
+  - ``control``: a positive control measured in the same run (``claim``, ``statistic``,
+    ``passes_if``) that shows the run *could* show the effect; required of real-model predictions;
+  - ``implied_by``: where a checked identity forces the outcome (``identity``, the ``regime``
+    statistic that decides whether the run is in that regime, ``implied_if``);
+  - ``independence``: why the units are independent (real-model predictions);
+  - ``version`` and ``reason``: a registration changed after it was first made is a new version
+    (``version: 2``, …) with the reason for the change; runs of earlier versions stay visible,
+    superseded.
 
 The replication ledger (:mod:`prefdyn.book.ledger`) is rendered from these files and the runs; a
 registration changed after the fact shows there with every version and its commit (from git).
@@ -34,12 +48,37 @@ from .runs import ChapterError, root
 SCALES = ("smoke", "ci", "full")
 SETTINGS = ("real model", "simulation")   # what a prediction is about: a real LLM's run, or sampled synthetic data
 STATUSES = ("derived", "reconstructed", "empirical", "not tested")
-ADEQUATE_POWER = 0.8       # below it a prediction is "underpowered" and counts as evidence neither way
-MAX_FALSE_PASS = 0.05      # above it a pass says little: "not selective"
+ADEQUATE_POWER = 0.8       # a failure is evidence only at this power or more
+MAX_FALSE_PASS = 0.05      # a pass is evidence only at this false-pass rate or less
+CONTROL_KEYS = ("claim", "statistic", "passes_if")
+IMPLIED_KEYS = ("identity", "regime", "implied_if")
 
 
 class RegistryError(ChapterError):
     """A chapter's registry is missing, malformed or refers to something that does not exist."""
+
+
+def comparison(text: str) -> tuple[str, float]:
+    """``">= 0.6"`` -> ``(">=", 0.6)``."""
+    symbol, threshold = str(text).split()
+    return symbol, float(threshold)
+
+
+def satisfies(observed: float, text: str) -> bool:
+    """``observed`` satisfies the comparison ``text`` (``">= 0.6"``); NaN never does."""
+    symbol, threshold = comparison(text)
+    return bool(COMPARISONS[symbol](float(observed), threshold))
+
+
+def _check_comparison(text, where: str, key: str) -> None:
+    parts = str(text).split()
+    if len(parts) != 2 or parts[0] not in COMPARISONS:
+        raise RegistryError(f"{where}: {key} {text!r} must read '<symbol> <number>', symbol one of "
+                            f"{', '.join(COMPARISONS)}")
+    try:
+        float(parts[1])
+    except ValueError:
+        raise RegistryError(f"{where}: {key} {text!r}: {parts[1]!r} is not a number") from None
 
 
 @dataclass(frozen=True)
@@ -57,16 +96,28 @@ class Prediction:
     effect_source: str
     no_effect: float
     setting: str = "real model"
+    null_world: str = ""
+    control: dict | None = None        # {"claim", "statistic", "passes_if"}
+    implied_by: dict | None = None     # {"identity", "regime", "implied_if"}
+    independence: str = ""
+    version: int = 1
+    reason: str = ""
 
     @property
     def comparison(self) -> tuple[str, float]:
-        symbol, threshold = self.passes_if.split()
-        return symbol, float(threshold)
+        return comparison(self.passes_if)
 
     def passes(self, observed: float) -> bool:
         """NaN never passes."""
-        symbol, threshold = self.comparison
-        return bool(COMPARISONS[symbol](float(observed), threshold))
+        return satisfies(observed, self.passes_if)
+
+    def control_passes(self, observed: float) -> bool:
+        """The registered positive control is met by ``observed`` (NaN never is)."""
+        return satisfies(observed, self.control["passes_if"])
+
+    def implied(self, regime: float) -> bool:
+        """The run is in the regime where a checked identity forces the outcome."""
+        return satisfies(regime, self.implied_by["implied_if"])
 
     def power(self, n: int) -> float:
         """P(pass | the effect is ``effect``) with ``n`` measurements."""
@@ -129,11 +180,20 @@ def parse_prediction(pid: str, entry: dict, where: str) -> Prediction:
     _require(entry, ("claim", "statistic", "test", "passes_if", "n", "units", "effect", "effect_source", "no_effect"), where)
     if entry["test"] not in TESTS:
         raise RegistryError(f"{where}: test {entry['test']!r} is not one of {', '.join(TESTS)}")
-    parts = str(entry["passes_if"]).split()
-    if len(parts) != 2 or parts[0] not in COMPARISONS:
-        raise RegistryError(f"{where}: passes_if {entry['passes_if']!r} must read '<symbol> <number>', "
-                            f"symbol one of {', '.join(COMPARISONS)}")
-    float(parts[1])
+    _check_comparison(entry["passes_if"], where, "passes_if")
+    control, implied_by = entry.get("control"), entry.get("implied_by")
+    for key, value, keys, rule in (("control", control, CONTROL_KEYS, "passes_if"),
+                                   ("implied_by", implied_by, IMPLIED_KEYS, "implied_if")):
+        if value is None:
+            continue
+        if not isinstance(value, dict) or set(value) != set(keys):
+            raise RegistryError(f"{where}: {key} must have exactly the keys {', '.join(keys)}")
+        _check_comparison(value[rule], where, f"{key}.{rule}")
+    version = entry.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RegistryError(f"{where}: version {version!r} must be a whole number >= 1")
+    if version > 1 and not str(entry.get("reason", "")).strip():
+        raise RegistryError(f"{where}: version {version} changes an earlier registration; give its `reason:`")
     setting = entry.get("setting", SETTINGS[0])
     if setting not in SETTINGS:
         raise RegistryError(f"{where}: setting {setting!r} is not one of {', '.join(SETTINGS)}")
@@ -141,7 +201,9 @@ def parse_prediction(pid: str, entry: dict, where: str) -> Prediction:
         raise RegistryError(f"{where}: n must give the number of {entry['units']} at each of {', '.join(SCALES)}")
     return Prediction(pid, entry["claim"], entry["statistic"], entry["test"], str(entry["passes_if"]),
                       {s: int(entry["n"][s]) for s in SCALES}, entry["units"], float(entry["effect"]),
-                      entry["effect_source"], float(entry["no_effect"]), setting)
+                      entry["effect_source"], float(entry["no_effect"]), setting,
+                      str(entry.get("null_world", "")).strip(), control, implied_by,
+                      str(entry.get("independence", "")).strip(), version, str(entry.get("reason", "")).strip())
 
 
 def parse_registry(chapter: str, data: dict, where: str) -> Registry:

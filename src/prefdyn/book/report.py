@@ -79,7 +79,7 @@ def reproducibility_markdown(chapters: list[str] | None = None) -> str:
            "the chapter; a **recorded** run is any other finished execution (another scale, device, model "
            "or data set), kept with `prefdyn record <id> --label <label>` in `book/recorded/<id>/` with the "
            "hardware and git revision it ran on. Identities and bounds pass or fail; a prediction, "
-           "registered before the run with its power, is reproduced, not reproduced or underpowered.", "",
+           "registered before the run, is reproduced, not reproduced, implied by an identity or inconclusive (the verdict rule is on the ledger page).", "",
            "## At a glance", "",
            "| chapter | live run | scale, device, time, date | recorded runs |", "|---|---|---|---|"]
     for chapter in chapters:

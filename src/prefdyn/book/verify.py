@@ -10,9 +10,11 @@ A check has one of three kinds, and only one of them is evidence about a paper:
   (:mod:`prefdyn.book.registry`): statistic, threshold, sizes per scale, power and false-pass rate.
 
 ``passed`` is computed here from the numbers, never set by hand, so every check can fail. An
-identity or a bound that fails fails the notebook (and CI); a prediction that fails is a result,
-shown as ``not reproduced`` with its numbers. A prediction whose power at this run's size is below
-:data:`~prefdyn.book.registry.ADEQUATE_POWER` is ``underpowered`` and counts as evidence neither way.
+identity or a bound that fails fails the notebook (and CI); a prediction that fails is a result.
+Its status follows the verdict rule of :func:`prediction_status`: ``reproduced``, ``not
+reproduced``, ``implied by <identity>`` (a checked identity forces the outcome in the measured
+regime: no evidence) or ``inconclusive (<why>)``. The power and false-pass rate it uses are simulated
+from the run's own units (a *world*, :mod:`prefdyn.stats`), the closed forms kept beside them.
 Numbers shown but not checked are recorded with :meth:`Verification.report`, glued into the prose
 and saved with the checks, so every recorded run carries them too.
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import math
 import operator
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..stats import simulated_pass_rate
 from ..store import atomic_write_json
 from .glue import glue_markdown, glue_value, markdown_table
 from .registry import ADEQUATE_POWER, MAX_FALSE_PASS, Registry, load_registry
@@ -34,7 +38,9 @@ KIND_TITLES = {"prediction": "Predictions (registered before the run; evidence a
                "identity": "Identities (the code computes the derived algebra; a failure is a bug)",
                "bound": "Bounds (deterministic inequalities proved in the chapter; a failure is a bug)",
                "unclassified": "Checks recorded before checks had kinds"}
-REPRODUCED, NOT_REPRODUCED = "reproduced", "not reproduced"
+REPRODUCED, NOT_REPRODUCED, IMPLIED, INCONCLUSIVE = "reproduced", "not reproduced", "implied by", "inconclusive"
+OUTCOMES = (REPRODUCED, NOT_REPRODUCED, IMPLIED, INCONCLUSIVE)
+RATE_GAP = 0.1   # simulated and closed-form rates further apart than this are both shown
 
 
 class VerificationFailed(AssertionError):
@@ -68,19 +74,42 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
-def prediction_status(passed: bool, power: float, false_pass: float) -> str:
-    """``reproduced`` / ``not reproduced`` when the test is adequate (power ≥ 0.8 at this size and
-    false-pass rate ≤ 0.05), else ``underpowered`` or ``not selective`` with the outcome."""
-    outcome = "passed" if passed else "failed"
-    if power < ADEQUATE_POWER:
-        return f"underpowered ({outcome})"
-    if false_pass > MAX_FALSE_PASS:
-        return f"not selective ({outcome})"
-    return REPRODUCED if passed else NOT_REPRODUCED
+def prediction_status(passed: bool, power: float, false_pass: float, *, control: dict | None = None,
+                      implied_by: str | None = None, missing: str | None = None) -> str:
+    """The verdict rule. In order:
+
+    1. ``implied by <identity>`` when a checked identity forces the outcome in the measured regime;
+    2. ``inconclusive (<missing>)`` when the registration lacks what the rule needs (a null world, a
+       positive control) or the run did not simulate its power;
+    3. ``inconclusive (no headroom: …)`` when the positive control failed: the run could not have
+       shown the effect, so neither outcome is evidence;
+    4. a pass is evidence (``reproduced``) when the false-pass rate is at most 0.05, a failure
+       (``not reproduced``) when the power is at least 0.8; otherwise ``inconclusive (passed;
+       false-pass …)`` or ``inconclusive (failed; power …)``.
+    """
+    if implied_by:
+        return f"{IMPLIED} {implied_by}"
+    if missing:
+        return f"{INCONCLUSIVE} ({missing})"
+    if control is not None and not control["passed"]:
+        return (f"{INCONCLUSIVE} (no headroom: {control['claim']}: measured {fmt(control['observed'])}, "
+                f"needs {control['passes_if']})")
+    if passed:
+        return REPRODUCED if false_pass <= MAX_FALSE_PASS else \
+            f"{INCONCLUSIVE} (passed; false-pass {false_pass:.2f} > {MAX_FALSE_PASS})"
+    return NOT_REPRODUCED if power >= ADEQUATE_POWER else \
+        f"{INCONCLUSIVE} (failed; power {power:.2f} < {ADEQUATE_POWER})"
 
 
 def outcome(status: str) -> str:
-    """A check's result without its detail: ``underpowered (passed)`` -> ``underpowered``."""
+    """A check's result without its detail: ``inconclusive (failed; power 0.41 < 0.8)`` ->
+    ``inconclusive``, ``implied by eq-1`` -> ``implied by``; identities and bounds: ``pass``/``FAIL``.
+    Statuses of the earlier rule (``underpowered``, ``not selective``) read as ``inconclusive``."""
+    for word in (NOT_REPRODUCED, REPRODUCED, IMPLIED, INCONCLUSIVE):
+        if status.startswith(word):
+            return word
+    if status.startswith(("underpowered", "not selective")):
+        return INCONCLUSIVE
     return status.split(" (")[0]
 
 
@@ -104,8 +133,12 @@ def render_table(checks: list[dict]) -> str:
                 n = f"{p['n']} {p['units']}" + ("" if p["n"] == p["registered_n"] else
                                                 f" (registered {p['registered_n']})")
                 claim = c["claim"] + (" *(simulation)*" if p.get("setting") == "simulation" else "")
+                control = p.get("control")
+                result = f"**{c['status']}**" + (
+                    f"; control: {control['claim']}, {fmt(control['observed'])} ({control['passes_if']}, "
+                    f"{'met' if control['passed'] else 'NOT met'})" if control else "")
                 rows.append([claim, p["statistic"], f"{fmt(c['observed'])} ({c['tolerance']})", n,
-                             f"{p['power']:.2f}, {p['false_pass']:.3f}", f"**{c['status']}**"])
+                             rates(p), result])
             out.append(markdown_table(["prediction", "statistic", "measured (passes if)", "n",
                                        "power, false-pass", "result"], rows))
         else:
@@ -114,6 +147,18 @@ def render_table(checks: list[dict]) -> str:
                                         c["status"]] for c in group]))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def rates(p: dict) -> str:
+    """A prediction's power and false-pass rate as the table shows them: the simulated ones, with
+    the closed form beside them where either differs by more than :data:`RATE_GAP`."""
+    text = f"{p['power']:.2f}, {p['false_pass']:.3f}"
+    if p.get("power_simulated") is None:
+        return text + (" (closed form)" if p.get("setting") != "simulation" else "")
+    closed = (p.get("power_closed_form"), p.get("false_pass_closed_form"))
+    if closed[0] is not None and (abs(closed[0] - p["power"]) > RATE_GAP or abs(closed[1] - p["false_pass"]) > RATE_GAP):
+        text += f" (closed form {closed[0]:.2f}, {closed[1]:.3f})"
+    return text
 
 
 def summary_line(checks: list[dict]) -> str:
@@ -240,25 +285,66 @@ class Verification:
         """Pass iff ``observed <= bound``."""
         return self._bound(claim, observed, "<=", bound, predicted, kind)
 
-    def predict(self, pid: str, observed: float, n: int) -> Check:
-        """Check the registered prediction ``pid`` on its statistic ``observed`` from ``n``
-        measurements. Its threshold, effect and no-effect value come from the registry, never the call;
-        power and false-pass rate are computed at ``n`` (the registered size at this scale is shown
-        beside it when they differ, e.g. with the user's own data)."""
+    def predict(self, pid: str, observed: float, n: int | None = None, *, world=None,
+                control: float | None = None, regime: float | None = None) -> Check:
+        """Check the registered prediction ``pid`` on its statistic ``observed``. Its threshold, effect,
+        no-effect value, control and regime rule come from the registry, never the call.
+
+        ``world`` (:class:`prefdyn.stats.MeanWorld`, :class:`~prefdyn.stats.SpearmanWorld`, …) rebuilds
+        the statistic from this run's own units; its simulated pass rates at the registered effect and
+        at no effect are the power and false-pass rate the verdict uses (the closed form at ``n`` is
+        kept beside them). Without a world (allowed for predictions about simulations) the closed form
+        decides. ``control`` is the value of the registered positive control measured in this run,
+        ``regime`` the value of the statistic that decides whether a checked identity forces the
+        outcome (``implied_by``); each is required exactly when the registry declares it."""
         if self.registry is None:
             raise ValueError("predictions need the chapter's registry, found through the chapter's id: run "
                              "the chapter with `prefdyn run <id>` (or set PREFDYN_CHAPTER=<id>)")
         p = self.registry.prediction(pid)
         if any(c.prediction and c.prediction["id"] == pid for c in self.checks):
             raise ValueError(f"prediction {pid!r} was already checked in this run")
+        for name, value, declared in (("control", control, p.control), ("regime", regime, p.implied_by)):
+            if (value is None) != (declared is None):
+                key = "control" if name == "control" else "implied_by"
+                raise ValueError(f"prediction {pid!r}: pass {name}= exactly when its registry entry has "
+                                 f"`{key}:` (it {'has' if declared else 'has none'})")
+        if world is not None:
+            if n is not None and int(n) != world.n:
+                raise ValueError(f"prediction {pid!r}: n={n} but the world has {world.n} units")
+            n = world.n
+        if n is None:
+            raise ValueError(f"prediction {pid!r}: give n (the number of {p.units}) or a world of them")
         observed, n = float(observed), int(n)
-        power, false_pass = p.power(n), p.false_pass(n)
+        power_cf, false_pass_cf = p.power(n), p.false_pass(n)
+        power_sim = false_pass_sim = None
+        if world is not None:
+            symbol, threshold = p.comparison
+            seed = zlib.crc32(f"{self.chapter}/{pid}".encode())
+            power_sim = simulated_pass_rate(world, p.effect, symbol, threshold, seed=seed)
+            false_pass_sim = simulated_pass_rate(world, p.no_effect, symbol, threshold, seed=seed + 1)
+        power = power_cf if power_sim is None else power_sim
+        false_pass = false_pass_cf if false_pass_sim is None else false_pass_sim
         passed = p.passes(observed)
-        info = {"id": pid, "statistic": p.statistic, "n": n, "registered_n": p.n.get(self.scale, n),
-                "units": p.units, "power": power, "false_pass": false_pass, "effect": p.effect,
-                "effect_source": p.effect_source, "no_effect": p.no_effect, "setting": p.setting}
+        control_info = None if p.control is None else {
+            **p.control, "observed": float(control), "passed": p.control_passes(control)}
+        implied = p.implied_by["identity"] if p.implied_by is not None and p.implied(regime) else None
+        missing = ("no null world registered" if not p.null_world else
+                   "no positive control registered" if p.setting == "real model" and p.control is None else
+                   "power not simulated from the run's units" if p.setting == "real model" and world is None
+                   else None)
+        info = {"id": pid, "version": p.version, "statistic": p.statistic, "n": n,
+                "registered_n": p.n.get(self.scale, n), "units": p.units, "power": power,
+                "false_pass": false_pass, "power_simulated": power_sim, "false_pass_simulated": false_pass_sim,
+                "power_closed_form": power_cf, "false_pass_closed_form": false_pass_cf,
+                "effect": p.effect, "effect_source": p.effect_source, "no_effect": p.no_effect,
+                "setting": p.setting, "control": control_info,
+                "implied_by": None if p.implied_by is None else {**p.implied_by, "regime_observed": float(regime),
+                                                                 "implied": implied is not None},
+                "null_world": p.null_world, "world": None if world is None else world.to_json()}
+        status = prediction_status(passed, power, false_pass, control=control_info, implied_by=implied,
+                                   missing=missing)
         check = self._add("prediction", p.claim, f"effect {fmt(p.effect)} ({p.effect_source})", observed,
-                          p.passes_if, passed, info, prediction_status(passed, power, false_pass))
+                          p.passes_if, passed, info, status)
         glue_value(f"{pid.replace('-', '_')}_status", check.status)
         return check
 
