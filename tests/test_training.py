@@ -126,3 +126,19 @@ def test_length_normalised_logps_and_a_short_sft_run_on_the_real_model(smol, mon
         assert losses[0] == pytest.approx(-mean.mean().item(), abs=1e-5)   # the first batch is the whole set
         assert entered == [True] * 4                # every training forward runs in the training precision
         assert -logps.response_logps(smol, prompts, completions, length_normalised=True).mean() < -mean.mean()
+
+
+def test_kept_weights_restores_every_weight_and_buffer_after_training():
+    from prefdyn.llm.models import kept_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with kept_weights(model):
+        model.train()
+        model[0].weight.requires_grad_(False)
+        model(torch.randn(8, 3)).sum().backward()          # BatchNorm's running statistics move
+        with torch.no_grad():
+            model[0].bias.add_(1.0)
+        assert not torch.equal(model[0].bias, before["0.bias"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training

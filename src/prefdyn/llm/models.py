@@ -18,6 +18,7 @@ the dequantisation (about 20 s for the default model on two CPU cores).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -311,3 +312,17 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The transformer blocks: the model's longest ``ModuleList`` (``model.layers`` in llama-style
     models), so no architecture is assumed; ``None`` if it has none."""
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+
+
+@contextlib.contextmanager
+def kept_weights(model: torch.nn.Module):
+    """Run the block, then put back every weight (and buffer) of ``model`` as it was on entry, make
+    every weight trainable again and return the model to eval mode: the one way the chapters and
+    tests train a model and then start again from where they were. Holds one copy of the weights."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield model
+    finally:
+        model.load_state_dict(saved)
+        model.requires_grad_(True)
+        model.eval()
