@@ -78,6 +78,29 @@ def test_embeddings_are_the_states_the_lm_head_reads_and_are_cached(packaged, tm
     assert calls, "the features of the old weights were served after the weights changed"
 
 
+def test_last_states_from_the_decoder_are_the_full_models_final_hidden_states(packaged):
+    """``last_states`` runs only the decoder: its states are the full model's last hidden states (after
+    the final norm) at each row's last real token, on a right-padded batch."""
+    tok = packaged.tokenizer
+    prompts = [models.chat_prompt(tok, "Is the sky blue?"), "Hi", models.chat_prompt(tok, "Name three rivers, please.")]
+    ids, mask = tokens.pad_batch(tok, [tokens.encode_prompt(tok, p) for p in prompts])
+    with torch.no_grad():
+        got = features.last_states(packaged.model, ids, mask)
+        full = packaged.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(got, full[torch.arange(3), mask.sum(1) - 1], atol=1e-5)
+
+
+def test_embeddings_in_length_batches_equal_one_text_at_a_time(packaged, tmp_path):
+    tok = packaged.tokenizer
+    texts = [models.chat_prompt(tok, q) for q in ("Is fire hot?", "Would you say that you like long walks by "
+             "the sea in the early morning?", "Yes?", "Is the following statement something you would say?\n"
+             "\"I like to be in control of things\"", "Two plus two?")]
+    batched = features.embeddings(packaged, texts, batch_size=2, cache=tmp_path)
+    with torch.no_grad():
+        single = torch.cat([features.last_token_states(packaged.model, tok, [t], "cpu") for t in texts])
+    assert torch.allclose(batched, single, atol=1e-4)
+
+
 def test_the_frozen_prefix_reproduces_the_full_models_last_states(packaged):
     """Top blocks run on cached states give the full model's states, for every block count: on Gemma 3
     each block keeps its own attention kind (sliding or full) and rotary base."""
