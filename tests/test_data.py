@@ -219,7 +219,7 @@ def test_provenance_and_data_record_name_the_source_commit_checksum_and_behaviou
                  "all 45 behaviours of the development set", "180 statements"):
         assert fact in sentence, fact
     two = load_persona(behaviours=["narcissism", "risk-seeking"])
-    assert "`narcissism`, `risk-seeking`, 2000 statements" in provenance(None, two)
+    assert "narcissism, risk-seeking, 2000 statements" in provenance(None, two)
     record = data_record(None, two)
     assert record["commit"] == "84fcc677" and record["manifest_sha256"] == manifest and record["packaged"]
     assert record["behaviours"] == ["narcissism", "risk-seeking"] and record["split"] is None   # one of each set
@@ -231,7 +231,7 @@ def test_provenance_and_data_record_name_the_source_commit_checksum_and_behaviou
     assert not mine["packaged"] and mine["files_sha256"]["alpha"] == hashlib.sha256(
         (folder / "alpha.jsonl").read_bytes()).hexdigest()
     assert provenance(folder, load_persona(folder)) == \
-        "the persona files in `persona/` (`alpha`, 20 statements in all), passed as `data_dir`"
+        "the persona files in the folder persona/ (alpha, 20 statements in all), passed as data_dir"
 
 
 # --- loading good files --------------------------------------------------------------------------

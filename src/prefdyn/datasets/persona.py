@@ -441,7 +441,7 @@ def provenance(data_dir: str | os.PathLike | None, examples: Mapping[str, Sequen
     names = record["behaviours"]
     statements = sum(record["statements"].values())
     if len(names) <= 3:
-        which = ", ".join(f"`{n}`" for n in names)
+        which = ", ".join(names)
     elif record["split"] is not None:
         whole = len(names) == len(behaviour_split()[record["split"]])
         which = (f"{'all ' if whole else ''}{len(names)} behaviours of the {record['split']} set"
@@ -453,4 +453,4 @@ def provenance(data_dir: str | os.PathLike | None, examples: Mapping[str, Sequen
         return (f"the original {PERSONA_SOURCE['dataset']} ({size}; anthropics/evals commit "
                 f"{PERSONA_SOURCE['commit']}, {PERSONA_SOURCE['licence']}, packaged with prefdyn, manifest SHA-256 "
                 f"{record['manifest_sha256'][:12]})")
-    return f"the persona files in `{Path(data_dir).name}/` ({size}), passed as `data_dir`"
+    return f"the persona files in the folder {Path(data_dir).name}/ ({size}), passed as data_dir"
