@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..params import torch_threads
 from ..store import atomic_write, cache_dir
 from .models import Policy, transformer_blocks, weights_digest
 from .tokens import encode_prompt, pad_batch
@@ -81,7 +80,8 @@ def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size
     trained in the notebook therefore never reads the features of its initial weights. ``layer=-1`` is the final hidden
     state after the model's last norm, so ``lm_head(embeddings)`` gives the next-token logits. The
     texts not in the cache are computed once each, in batches of similar length
-    (:func:`length_batches`), on every thread.
+    (:func:`length_batches`), on the torch threads the caller set (the drivers take every thread:
+    :func:`prefdyn.experiments.persona.persona_features`).
     """
     from safetensors.torch import load_file, save
 
@@ -107,7 +107,7 @@ def embeddings(policy: Policy, texts: Sequence[str], layer: int = -1, batch_size
     order = list(first_missing.values())
     lengths = [len(encode_prompt(policy.tokenizer, texts[j])) for j in order]
     batches = length_batches(lengths, batch_size)
-    with torch_threads(None), torch.no_grad():
+    with torch.no_grad():
         for batch in tqdm(batches, disable=not progress or not order, desc="embeddings"):
             chunk = [order[b] for b in batch]
             states = last_token_states(policy.model, policy.tokenizer, [texts[j] for j in chunk], policy.device, layer)
