@@ -48,3 +48,24 @@ def glue_value(name: str, value: Any) -> None:
 def glue_table(name: str, header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> None:
     """Make a table available as ``{glue:md}`name``` (with ``:format: myst``), never printed."""
     glue_markdown(name, markdown_table(header, rows))
+
+
+FINDINGS_ORDER = ("not reproduced", "inconclusive", "implied by", "reproduced")   # what a reader needs first
+
+
+def _rank(status: str) -> int:
+    """A verdict's place in :data:`FINDINGS_ORDER` (statuses of the earlier rule read as inconclusive)."""
+    return next((i for i, word in enumerate(FINDINGS_ORDER) if status.startswith(word)), 1)
+
+
+def glue_findings(name: str, verification, sentences: dict[str, str]) -> None:
+    """Glue, as ``{glue:md}`name```, one sentence per registered prediction checked in
+    ``verification`` (``sentences``: prediction id -> what the run measured), each ending with its
+    verdict in bold; not reproduced and inconclusive ones first (:data:`FINDINGS_ORDER`), then in
+    the order given. Every prediction checked must have a sentence, and every sentence a check."""
+    status = {c.prediction["id"]: c.status for c in verification.checks if c.prediction}
+    if set(status) != set(sentences):
+        raise ValueError(f"findings: sentences for {sorted(sentences)}, predictions checked {sorted(status)}")
+    ordered = sorted(sentences, key=lambda pid: _rank(status[pid]))
+    glue_markdown(name, "\n".join(f"- {sentences[pid].rstrip('.')} (`{pid}`): **{status[pid]}**."
+                                   for pid in ordered))
