@@ -215,7 +215,7 @@ def test_provenance_and_data_record_name_the_source_commit_checksum_and_behaviou
     manifest = manifest_sha256(PACKAGED_DATA_DIR)
     assert manifest == hashlib.sha256((PACKAGED_DATA_DIR / "SHA256SUMS").read_bytes()).hexdigest()
     sentence = provenance(None, dev)
-    for fact in ("Perez et al., 2022", "84fcc677", "CC BY 4.0", manifest[:12],
+    for fact in ("persona evaluations of Perez et al. 2022", "84fcc677", "CC BY 4.0", manifest[:12],
                  "all 45 behaviours of the development set", "180 statements"):
         assert fact in sentence, fact
     two = load_persona(behaviours=["narcissism", "risk-seeking"])

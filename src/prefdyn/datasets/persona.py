@@ -450,7 +450,7 @@ def provenance(data_dir: str | os.PathLike | None, examples: Mapping[str, Sequen
         which = f"{len(names)} behaviours"
     size = f"{which}, {statements} statements in all"
     if record["packaged"]:
-        return (f"the original {PERSONA_SOURCE['dataset']} ({size}; anthropics/evals commit "
-                f"{PERSONA_SOURCE['commit']}, {PERSONA_SOURCE['licence']}, packaged with prefdyn, manifest SHA-256 "
-                f"{record['manifest_sha256'][:12]})")
+        return (f"the original files of the model-written persona evaluations of Perez et al. 2022 ({size}; "
+                f"anthropics/evals commit {PERSONA_SOURCE['commit']}, {PERSONA_SOURCE['licence']}, packaged with "
+                f"prefdyn, manifest SHA-256 {record['manifest_sha256'][:12]})")
     return f"the persona files in the folder {Path(data_dir).name}/ ({size}), passed as data_dir"
