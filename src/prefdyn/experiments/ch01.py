@@ -23,11 +23,13 @@ from .. import objectives
 from ..datasets.persona import SPLITS, PersonaExample, behaviour_split
 from ..llm import logps
 from ..llm.models import kept_weights
+from ..llm.tokens import single_token_responses
 from ..llm.train import ReferenceLogps, train_preferences
 from ..params import positive
-from .persona import persona_pairs
+from .persona import persona_features, persona_pairs
 
-__all__ = ["DPOConfig", "DPORun", "chapter_behaviours", "dpo_run", "held_out_split", "repeat_runs", "training_sample"]
+__all__ = ["DPOConfig", "DPORun", "chapter_behaviours", "dpo_run", "held_out_split", "reference_logps", "repeat_runs",
+           "training_sample"]
 
 
 @dataclass(frozen=True)
@@ -137,18 +139,39 @@ class DPORun:
         return float(self.train_drop.mean())
 
 
+def reference_logps(policy, examples: Sequence[PersonaExample]) -> ReferenceLogps:
+    """``log π(y_w|x)`` and ``log π(y_l|x)`` of persona statements under ``policy`` as it is, read from
+    the final features of their chat-templated questions (:func:`~prefdyn.experiments.persona.persona_features`,
+    cached on disk and shared with chapters 2 and 3): the LM head applied to them
+    (:func:`~prefdyn.llm.logps.next_token_logps`), the computation the trainer makes for one-token
+    answers, so a statement whose features any chapter has computed costs no forward pass."""
+    tok = policy.tokenizer
+    ids = single_token_responses(tok, ["Yes", "No"])
+    if ids is None:
+        raise ValueError("the answers Yes and No are not single tokens of this tokenizer; "
+                         "score the pairs with ReferenceLogps.of instead")
+    g, _, _ = persona_features(policy, examples)
+    with torch.no_grad():
+        logp = logps.next_token_logps(policy.model, g.float().to(policy.device)).cpu()
+    yes, no = ids
+    rows = torch.arange(len(examples))
+    w = torch.tensor([yes if ex.chosen == "Yes" else no for ex in examples])
+    return ReferenceLogps(logp[rows, w], logp[rows, torch.where(w == yes, no, yes)])
+
+
 def dpo_run(policy, train: Sequence[PersonaExample], cfg: DPOConfig, seed: int,
             test: Sequence[PersonaExample] = (), curve: Sequence[int] = ()) -> DPORun:
-    """Train ``policy`` in place with DPO on ``train`` (the reference is the model as given) and score
-    it: its training statements after training and, if ``test`` is given, the held-out statements
-    before and after (and ``test[i]`` for ``i`` in ``curve`` every ``cfg.eval_every`` steps)."""
+    """Train ``policy`` in place with DPO on ``train`` (the reference is the model as given, its
+    log-probabilities from the shared feature cache: :func:`reference_logps`) and score it: its
+    training statements after training and, if ``test`` is given, the held-out statements before and
+    after (and ``test[i]`` for ``i`` in ``curve`` every ``cfg.eval_every`` steps)."""
     tok = policy.tokenizer
     train_pairs = persona_pairs(tok, train)
-    train_ref = ReferenceLogps.of(policy, train_pairs)
+    train_ref = reference_logps(policy, train)
     evaluate, before, test_pairs = None, None, None
     if test:
         test_pairs = persona_pairs(tok, test)
-        before = ReferenceLogps.of(policy, test_pairs)
+        before = reference_logps(policy, test)
         curve_pairs, curve_ref = test_pairs.subset(curve), before.subset(curve)
 
         def evaluate(step):
