@@ -425,3 +425,14 @@ def test_proxy_agreement_and_scores_with_a_known_encoder():
     assert scores.shape == (2, 2) and scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
     assert "orders 66.7%" in ch05.golden_description(proxy, agreement)
     assert "golden_score" in ch05.golden_description(None, None)
+
+
+@pytest.mark.slow
+def test_score_responses_shares_the_prompt_on_gemma_too(gemma):
+    # Gemma 3 caches its sliding-window layers apart: repeating the prompt's cache must still give
+    # each response's log-probability as a plain forward pass does
+    prompt = models.chat_prompt(gemma.tokenizer, "Name a colour.")
+    answers = [" Red.", " The colour blue is nice", " Green"]
+    logp, z = ch05.score_responses(gemma, [prompt] * 3, answers, batch_size=2)
+    torch.testing.assert_close(logp, logps.response_logps(gemma, [prompt] * 3, answers), atol=2e-4, rtol=1e-5)
+    assert z.shape == (3, gemma.model.config.hidden_size) and torch.isfinite(z).all()
