@@ -417,7 +417,7 @@ class WordEncoder:
 def test_proxy_agreement_and_scores_with_a_known_encoder():
     proxy = ch05.GoldenProxy(afd.fit_bradley_terry(torch.tensor([[1.0, 1.0]] * 3, dtype=torch.float64),
                                                    torch.tensor([[0.0, 1.0]] * 3, dtype=torch.float64), l2=0.1),
-                             WordEncoder(), 3)
+                             WordEncoder(), 3, 0.1)
     held = [dialogue(0, "I can't help.", "Sure."), dialogue(1, "I can't.", "Fine."), dialogue(2, "Sure.", "I can't.")]
     agreement = ch05.proxy_agreement(proxy, held, seed=0)
     assert agreement[0] == pytest.approx(2 / 3)
@@ -436,3 +436,26 @@ def test_score_responses_shares_the_prompt_on_gemma_too(gemma):
     logp, z = ch05.score_responses(gemma, [prompt] * 3, answers, batch_size=2)
     torch.testing.assert_close(logp, logps.response_logps(gemma, [prompt] * 3, answers), atol=2e-4, rtol=1e-5)
     assert z.shape == (3, gemma.model.config.hidden_size) and torch.isfinite(z).all()
+
+
+def test_cross_validated_l2_picks_the_penalty_that_predicts_held_out_pairs():
+    rng = np.random.default_rng(0)
+    w = torch.tensor(rng.normal(size=20))
+    X = torch.tensor(rng.normal(size=(120, 20)))
+    Y = torch.tensor(rng.normal(size=(120, 20)))
+    flip = (X - Y) @ w + torch.tensor(rng.logistic(size=120)) * 3 < 0       # noisy labels from a linear reward
+    win, lose = torch.where(flip[:, None], Y, X), torch.where(flip[:, None], X, Y)
+    l2 = ch05.cross_validated_l2(win, lose, grid=(0.01, 1.0, 1000.0), folds=3, seed=0)
+    assert l2 in (0.01, 1.0, 1000.0)
+    # by hand: the same folds, the same fits
+    order = np.random.default_rng(0).permutation(120)
+    parts = np.array_split(order, 3)
+    def cv(pen):
+        acc = []
+        for k in range(3):
+            fit = torch.as_tensor(np.concatenate([p for j, p in enumerate(parts) if j != k]))
+            test = torch.as_tensor(parts[k])
+            m = afd.fit_bradley_terry(win[fit], lose[fit], pen)
+            acc.append((m.logit(win[test]) > m.logit(lose[test])).double().mean().item())
+        return np.mean(acc)
+    assert cv(l2) == max(cv(p) for p in (0.01, 1.0, 1000.0))

