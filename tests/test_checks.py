@@ -382,7 +382,7 @@ def test_record_keeps_a_run_by_label_with_its_revision_and_refuses_a_dirty_one(t
     rec = json.loads(path.read_text())
     assert rec["git"] == "abc1234" and not rec["dirty"] and rec["data"] == "/data/persona-dev"
     assert [c["status"] for c in rec["checks"]] == ["pass", "reproduced"] and rec["reported"][0]["name"] == "acc"
-    finished_run(tmp_path / "gpu", git="abc1234+dirty", scale="full")
+    finished_run(tmp_path / "gpu", git="abc1234+dirty", scale="full", observed=0.95)
     with pytest.raises(runs.ChapterError, match="uncommitted changes.*--allow-dirty"):
         runs.record("cha", "full-gpu", tmp_path / "gpu")
     assert json.loads(runs.record("cha", "full-gpu", tmp_path / "gpu", "Some GPU", allow_dirty=True)
@@ -396,8 +396,17 @@ def test_record_keeps_a_run_by_label_with_its_revision_and_refuses_a_dirty_one(t
     live = json.loads((tmp_path / "book" / "_executed" / "cha.checks.json").read_text())
     table = runs_table(live, recorded)
     assert table.splitlines()[0] == "| row | this run | `ci-original` | `full-gpu` |"
-    assert "| x correlates with y | 0.9 (reproduced) | 0.9 (reproduced) | 0.9 (reproduced) |" in table
-    assert "| reported: acc | 0.75 | 0.75 | 0.75 |" in table and "Some GPU" in table
+    assert "| x correlates with y | 0.9 (reproduced) | 0.9 (reproduced) | 0.95 (reproduced) |" in table
+    assert "reported: acc" not in table and "2 rows on which every run agrees are not shown" in table
+    assert "Some GPU" in table and "rerun: `prefdyn reproduce cha full-gpu`" in table
+    # a recorded run made with the live run's parameters is held to it: moved values are marked
+    same = {"scale": "ci", "data_dir": "/data/persona-dev", "model": "smollm2-135m"}
+    drift = runs_table({**live, "chapter": "cha"}, recorded, parameters={**same, "device": "cuda"})
+    assert "`ci-original` was made with this run's parameters: every value is reproduced" in drift
+    moved = json.loads(json.dumps(live))
+    moved["reported"][0]["value"] = 0.8
+    drift = runs_table(moved, recorded, parameters=same)
+    assert "| reported: acc | 0.8 | 0.75 *drift* | 0.75 |" in drift and "1 of its values are not reproduced" in drift
 
 
 def test_a_legacy_record_reads_as_unclassified_checks(tmp_path, monkeypatch):

@@ -94,13 +94,16 @@ def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypat
 
     text = report.reproducibility_markdown()
     glance = text.split("## At a glance")[1].split("\n## ")[0]
-    assert ("| {doc}`cha <cha>` | 1 identity and 1 bound (1 FAILED) | smoke, cpu, 12 s, 2026-01-02 | `full-gpu` |"
+    assert ("| {doc}`cha <cha>` | 1 identity and 1 bound (1 FAILED) | smoke, cpu, 12 s, 2026-01-02 | 1 | `full-gpu` |"
             in glance)
-    assert "| {doc}`chb <chb>` | not run | — | none |" in glance
+    assert "| {doc}`chb <chb>` | not run | — | 0 | none |" in glance
+    assert "No `full` run of the current code is recorded for {doc}`chb <chb>`" in text
     section = text.split("## Title of cha")[1].split("## Title of chb")[0]
     assert '`scale="smoke"`, `device="cpu"`, `seed=0`, `model="smollm2-135m"`; chapter-specific: `lr=0.1`' in section
     assert "Some CPU, 2 cores" in section and "`abc1234`" in section and "torch 9.9" in section
     assert section.count("| c1 |") == 2 and "| FAIL |" in section and "### Recorded run `full-gpu`" in section
+    assert "`prefdyn run cha --scale smoke --device cpu`" in section and "`prefdyn reproduce cha full-gpu`" in section
+    assert section.count(":::{dropdown} Checks of") == 2
     assert "*Not executed in this build.*" in text.split("## Title of chb")[1]
     path = report.write_reproducibility_page()
     assert path == out / "reproducibility.md" and path.read_text() == text

@@ -8,6 +8,8 @@
     prefdyn readme                                 rewrite the README's headline from the ledger
     prefdyn record <id> --label L [--from DIR]     keep a finished run as book/recorded/<id>/<L>.json
                                                    (this checkout's last run, or one brought from DIR)
+    prefdyn reproduce <id> <label> [--out DIR]     re-run a recorded run with its exact parameters and
+                                                   compare every number with it (exit 0: all agree)
     prefdyn train --model <spec> --steps N ...     DPO/IPO on persona data, outside the book; runs
                                                    unchanged under `accelerate launch -m prefdyn train ...`
 """
@@ -41,6 +43,51 @@ def _run(chapters: list[str], args) -> int:
                   f"          the failed notebook is {runs.paths(chapter)['failed']}", file=sys.stderr)
         ok &= result.ok
     return 0 if ok else 1
+
+
+def _reproduce(args) -> int:
+    """Re-run a recorded run into a book folder of its own and compare it with the record."""
+    import json
+
+    from .book import reproduce
+
+    try:
+        record = reproduce.find_record(args.chapter, args.label)
+        revision = record.get("git")
+        if not revision or not reproduce.is_ancestor(revision):
+            raise runs.ChapterError(f"the record {args.label!r} was made by code {revision or '(unrecorded)'}, which is "
+                                    "not an ancestor of this checkout: check out that revision (or a descendant) first")
+        parameters = reproduce.reproduce_parameters(record)
+        overrides = dict(item.split("=", 1) for item in (args.data or []))
+        notes = reproduce.check_data(record, parameters, overrides)
+        if args.device:
+            parameters["device"] = args.device
+        out = args.out or Path(f"prefdyn-reproduce-{args.chapter}-{args.label}")
+        os.environ["PREFDYN_ROOT"] = str(runs.stage_book(out))
+    except (runs.ChapterError, ValueError) as exc:
+        print(f"[prefdyn] error: {exc}", file=sys.stderr)
+        return 2
+    scale = parameters.pop("scale")
+    device = parameters.pop("device", None)
+    shown = " ".join(f"-p {k} {json.dumps(v)}" for k, v in parameters.items())
+    print(f"[prefdyn] reproducing {args.chapter} / {args.label} (code {revision}) in {os.environ['PREFDYN_ROOT']}:\n"
+          f"          prefdyn run {args.chapter} --scale {scale}" + (f" --device {device}" if device else "") + f" {shown}")
+    for line in notes:
+        print(f"[prefdyn] data: {line}")
+    try:
+        result = execute.run_chapter(args.chapter, scale, device, parameters, force=True,
+                                     show_output=sys.stderr.isatty())
+    except runs.ChapterError as exc:
+        print(f"[prefdyn] error: {exc}", file=sys.stderr)
+        return 2
+    if result.status == "failed":
+        print(f"[prefdyn] {args.chapter} failed: {result.error}", file=sys.stderr)
+        return 1
+    for line in reproduce.environment_differences(record, runs.load_meta(args.chapter) or {}):
+        print(f"[prefdyn] differs from the record: {line}")
+    differences = reproduce.compare(record, runs.load_checks(args.chapter))
+    print(reproduce.difference_table(differences))
+    return 0 if not differences else 1
 
 
 def _train(args) -> int:
@@ -105,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="describe the data set (default: the run's data_dir)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="record a run from uncommitted code, marked as such (otherwise refused)")
+    p = sub.add_parser("reproduce", help="re-run a recorded run with its exact parameters and compare it")
+    p.add_argument("chapter")
+    p.add_argument("label", help="the recorded run's label (book/recorded/<id>/<label>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the book folder to run in (default: ./prefdyn-reproduce-<id>-<label>)")
+    p.add_argument("--device", default=None, help="run on this device instead of the recorded one")
+    p.add_argument("--data", action="append", metavar="NAME=PATH",
+                   help="your copy of data the record read from outside the package, e.g. data_dir=~/persona "
+                        "(checked against the record's checksum)")
     p = sub.add_parser("train", help="DPO or IPO on persona data (works under `accelerate launch`)")
     p.add_argument("--model", default="smollm2-135m", help="packaged name, .gguf path, HF folder or hub id")
     p.add_argument("--device", default="auto")
@@ -169,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _train(args)
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "readme":
         changed = ledger.update_readme(runs.root() / "README.md")
         print(f"[prefdyn] README.md {'updated' if changed else 'already up to date'}")

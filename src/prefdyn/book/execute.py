@@ -24,10 +24,12 @@ from pathlib import Path
 
 from ..store import atomic_write, atomic_write_json
 from .registry import claims_dir, registry_path
+from .reproduce import reproduce_parameters
 from .runs import (
     CHAPTER_ENV,
     CHECKS_ENV,
     LIBRARY,
+    PARAMETERS_ENV,
     ChapterError,
     chapter_source,
     executed_dir,
@@ -155,8 +157,10 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     source.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     start = time.perf_counter()
     error = ""
-    saved = {name: os.environ.get(name) for name in (CHAPTER_ENV, CHECKS_ENV)}
-    os.environ.update({CHAPTER_ENV: chapter, CHECKS_ENV: str(partial_checks)})  # the kernel inherits them
+    saved = {name: os.environ.get(name) for name in (CHAPTER_ENV, CHECKS_ENV, PARAMETERS_ENV)}
+    effective = reproduce_parameters({"parameters": parameters, "defaults": defaults})
+    os.environ.update({CHAPTER_ENV: chapter, CHECKS_ENV: str(partial_checks),   # the kernel inherits them
+                       PARAMETERS_ENV: json.dumps(effective, default=str)})
     try:
         papermill.execute_notebook(source, str(partial_nb), parameters=parameters, kernel_name="python3",
                                    cwd=str(root()), execution_timeout=EXECUTION_TIMEOUT_S, progress_bar=False,
@@ -185,7 +189,8 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
             "defaults": {k: v for k, v in defaults.items() if k not in parameters},
             "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": sys.version.split()[0], "packages": {n: _version(n) for n in PINNED_PACKAGES},
-            "git": git_revision(), "hardware": hardware(parameters.get("device", "auto"))}
+            "git": git_revision(), "hardware": hardware(effective.get("device", "auto")),
+            "device_used": device_used(effective.get("device", "auto"))}
     nb = nbformat.read(partial_nb, as_version=4)
     clean_outputs(nb)
     nb.metadata["prefdyn"] = meta
@@ -249,6 +254,16 @@ def hardware(device: str) -> str:
         if torch.cuda.is_available():
             text = f"{torch.cuda.get_device_name(0)}; {text}"
     return text
+
+
+def device_used(device: str) -> str:
+    """The device a run's ``device`` parameter resolves to here (``auto`` becomes ``cuda`` or ``cpu``)."""
+    from ..params import ParameterError, resolve_device
+
+    try:
+        return str(resolve_device(str(device)))
+    except ParameterError:
+        return str(device)
 
 
 def _read_lines(path: str) -> list[str]:
