@@ -257,13 +257,13 @@ def hardware(device: str) -> str:
 
 
 def device_used(device: str) -> str:
-    """The device a run's ``device`` parameter resolves to here (``auto`` becomes ``cuda`` or ``cpu``)."""
-    from ..params import ParameterError, resolve_device
-
-    try:
-        return str(resolve_device(str(device)))
-    except ParameterError:
+    """The device a run's ``device`` parameter resolves to here (``auto`` becomes ``cuda`` or ``cpu``, as
+    :func:`prefdyn.params.resolve_device` decides in the kernel)."""
+    if str(device).strip().lower() != "auto":
         return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _read_lines(path: str) -> list[str]:
