@@ -115,7 +115,9 @@ def test_ledger_page_lists_every_declared_claim_by_paper_and_links_its_chapter(b
     titles = [h.get_text(" ", strip=True) for h in soup.select("main h2")]
     papers = [p["title"] for p in load_papers().values()]
     assert [t.rstrip("#").strip() for t in titles if t.rstrip("#").strip() in papers] == papers, titles
-    rows = soup.select("main table tbody tr")
+    summaries = [t for t in soup.select("main table")     # one summary table per paper: claim, this book, section
+                 if [th.get_text(strip=True) for th in t.select("thead th")] == ["claim", "this book", "section"]]
+    rows = [tr for t in summaries for tr in t.select("tbody tr")]
     declared = [c for paper in load_papers() for chapter in CHAPTERS for c in load_registry(chapter).claims
                 if c.paper == paper]   # grouped by paper, in the order of papers.yml
     assert len(rows) == len(declared)

@@ -462,7 +462,9 @@ def test_results_of_an_earlier_registration_are_superseded_and_implied_ones_do_n
     assert any(s.startswith("implied by a checked identity") and "`live`" in s for s in row["standing"])
     assert any(s.startswith("superseded") and "`rho` v1 in `ci-v1` (reproduced)" in s for s in row["standing"])
     assert "implied by an identity" in row["short"] and row["models"] == "unrecorded model: implied (live)"
-    assert "- **reproduced on a real LLM**: none" in ledger.recorded_headline()
+    headline = ledger.recorded_headline()
+    assert "| [`c`](claim-c) | implied by an identity |" not in headline      # the live run is not recorded
+    assert "No real-model run of the current registrations is recorded yet." in headline
 
 
 def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path, monkeypatch):
@@ -475,7 +477,9 @@ def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path
     (row,) = ledger.ledger_rows()
     assert row["models"] == ("smollm2-135m: reproduced (live); "
                              "gemma3-270m: not reproduced (ci-gemma), reproduced (ci-gemma-2)")
-    assert "| smollm2-135m: reproduced (live); gemma3-270m: not reproduced (ci-gemma)" in ledger.ledger_markdown()
+    text = ledger.ledger_markdown()
+    assert "smollm2-135m, `live`: {term}`reproduced <reproduced>`" in text
+    assert "gemma3-270m, `ci-gemma`: {term}`not reproduced <not reproduced>`" in text
     book(tmp_path / "x", monkeypatch, predictions={"rho": {**PREDICTION, "setting": "simulation"}})
     finished_run(tmp_path / "x" / "book" / "_executed", observed=0.9, n=30)
     (row,) = ledger.ledger_rows()
@@ -540,5 +544,5 @@ def test_the_readme_headline_is_the_ledgers_and_says_what_is_not_reproduced(monk
     monkeypatch.setenv("PREFDYN_ROOT", str(REPO))
     text = (REPO / "README.md").read_text()
     block = text.split(ledger.README_START)[1].split(ledger.README_END)[0].strip()
-    assert block == ledger.recorded_headline(), "README.md is out of step with the ledger: run `prefdyn readme`"
-    assert "not reproduced on a real LLM" in block and text.index(ledger.README_START) < 2500
+    assert block == ledger.recorded_headline(compact=True), "README.md is out of step with the ledger: run `prefdyn readme`"
+    assert "Not reproduced on a real LLM, with the control" in block and text.index(ledger.README_START) < 2500
