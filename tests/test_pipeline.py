@@ -198,3 +198,12 @@ def test_chapter_source_links_add_the_myst_source_and_the_repository_file(tmp_pa
     assert app.config.html_theme_options["use_repository_button"] is False
     with pytest.raises(RuntimeError, match="use_download_button"):
         pages.chapter_source_links(app, "book/_executed/ch09-x", "page.html", {"pathto": ctx["pathto"], "header_buttons": []}, None)
+
+
+def test_every_command_reports_bad_input_as_one_line_and_exit_2():
+    bad_model = prefdyn("train", "--model", "no-such-model", "--steps", "1")
+    assert bad_model.returncode == 2 and bad_model.stderr.startswith("[prefdyn] error: model 'no-such-model'")
+    no_record = prefdyn("reproduce", "ch01-rlhf-dpo-ipo", "no-such-label")
+    assert no_record.returncode == 2 and "has no recorded run 'no-such-label'" in no_record.stderr
+    no_chapter = prefdyn("record", "ch99-x", "--label", "a")
+    assert no_chapter.returncode == 2 and "unknown chapter 'ch99-x'" in no_chapter.stderr
