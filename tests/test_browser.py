@@ -112,7 +112,7 @@ window.addEventListener("load", () => setTimeout(() => {
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (`apt-get install chromium`; .ci/run does)")
 @pytest.mark.parametrize("name", [f"_executed/{c}" for c in CHAPTERS]
-                         + ["intro", "running", "references", "_executed/ledger", "_executed/reproducibility"])
+                         + ["intro", "running", "data", "references", "_executed/ledger", "_executed/reproducibility"])
 def test_page_layout_fits_its_column_and_every_glyph_has_a_font(book, name, tmp_path):
     top, _, html = book
     assert html is not None

@@ -64,7 +64,7 @@ def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
     """One process under `accelerate launch` gives the losses of a plain `prefdyn train`."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert accelerate, "accelerate's launcher is missing from the environment"
-    args = ["train", "--steps", "2", "--batch", "4", "--behaviours", "agreeableness", "--per-behaviour", "12",
+    args = ["train", "--steps", "2", "--batch", "4", "--behaviours", "narcissism", "--per-behaviour", "12",
             "--lr", "5e-5", "--device", "cpu"]
     plain = subprocess.run([sys.executable, "-m", "prefdyn", *args, "--out", str(tmp_path / "plain.json")],
                            capture_output=True, text=True, timeout=600)
