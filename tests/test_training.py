@@ -164,3 +164,24 @@ def test_running_chapters_share_the_machines_threads(tmp_path, monkeypatch):
     finally:
         sleeper.kill()
         monkeypatch.setattr(params, "_share", params.ALL_THREADS)
+
+
+def test_start_carries_the_model_and_the_data_it_validated(tmp_path, monkeypatch):
+    from prefdyn import experiments, params
+    from prefdyn.llm import models
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    monkeypatch.delenv("PREFDYN_CHAPTER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    loads = []
+    monkeypatch.setattr(experiments, "load_policy", lambda spec, device: loads.append((spec, device)) or object())
+    sizes = {s: {"n": 3} for s in params.SCALES}
+    run, _ = experiments.start("smoke", "cpu", 0, sizes, model="smollm2-135m", data=lambda r: [r.seed] * r.sizes["n"])
+    assert run.model == "smollm2-135m" and run.data == [0, 0, 0]
+    assert run.load_policy() is run.load_policy() and loads == [("smollm2-135m", torch.device("cpu"))]
+    with pytest.raises(models.ModelSpecError, match="not a known name"):
+        experiments.start("smoke", "cpu", 0, sizes, model="no-such-model")
+    bare, _ = experiments.start("smoke", "cpu", 0, sizes)
+    with pytest.raises(params.ParameterError, match="pass model="):
+        bare.load_policy()
+    monkeypatch.setattr(params, "_share", params.ALL_THREADS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,10 +27,23 @@ class ParameterError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
+    """What a chapter's first cell validated, carried to every later cell: its scale and sizes, device
+    and seed, the model spec (resolved once) and the data it loaded."""
+
     scale: str
     device: torch.device
     seed: int
     sizes: dict[str, Any]
+    model: str | None = None
+    data: Any = field(default=None, repr=False, compare=False)
+    policy_loader: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+
+    def load_policy(self):
+        """The run's model on the run's device, loaded once per process (later calls return the same
+        policy: keep and restore its weights with :func:`prefdyn.llm.models.kept_weights`)."""
+        if self.policy_loader is None:
+            raise ParameterError("this run has no model: pass model=... to prefdyn.experiments.start")
+        return self.policy_loader()
 
     def __str__(self) -> str:
         """The one line a chapter prints about its run (the sizes in full; the dataclass repr stays for repr)."""
@@ -66,13 +79,14 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]],
-          validate: tuple[Callable[[], Any], ...] = ()) -> Run:
+          validate: tuple[Callable[[], Any], ...] = (), **carried) -> Run:
     """Validate the common parameters, seed everything and return the sizes for ``scale``.
 
     ``sizes`` maps each of ``smoke``, ``ci`` and ``full`` to that scale's settings: the same code
     runs at every scale, only these numbers change. Each of ``validate`` is called after the common
     parameters have been checked and before seeding (:func:`prefdyn.experiments.start` passes the
-    model spec and data checks), so bad input raises here, in the chapter's first cell.
+    model spec and data checks), so bad input raises here, in the chapter's first cell. ``carried``
+    (``model``, ``data``, ``policy_loader``) travels on the :class:`Run`.
     """
     if scale not in SCALES:
         raise ParameterError(f"scale={scale!r} is not one of {', '.join(SCALES)}; "
@@ -89,7 +103,7 @@ def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]],
     for check in validate:
         check()
     seed_everything(seed)
-    return Run(scale=scale, device=dev, seed=seed, sizes=dict(sizes[scale]))
+    return Run(scale=scale, device=dev, seed=seed, sizes=dict(sizes[scale]), **carried)
 
 
 def positive(name: str, value: Any, kind: type = int) -> Any:
