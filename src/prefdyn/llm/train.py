@@ -13,8 +13,9 @@ make on the whole batch. The objectives are thin wrappers that build ``loss_fn``
   implicit reward: DPO's β, and for IPO β = 1/τ (Azar et al.'s τ, which TRL calls ``beta`` for
   ``ipo``), the notation of Chen et al. that chapter 4 uses;
 * :func:`train_sft`: the mean per-token negative log-likelihood of demonstrations;
-* :func:`train_candidate_table`: a loss of the candidate log-probabilities of single-token answers
-  (the tabular world of chapter 4 on a real model).
+* :func:`fit_candidate_table`: a loss of the candidate log-probabilities of single-token answers
+  (the tabular world of chapter 4 on a real model), minimised with L-BFGS rather than the loop's
+  Adam steps, to the round's minimum.
 
 Which weights train is set beforehand: :func:`train_only_top_blocks` freezes all but the top
 blocks; :func:`lora_adapters` gives the model low-rank adapters (:mod:`peft`) to train instead and
@@ -254,18 +255,34 @@ def train_sft(policy: Policy, prompts: Sequence[str], completions: Sequence[str]
     return [r["loss"] for r in history[:-1]]
 
 
-def train_candidate_table(policy: Policy, prompts: Sequence[str], candidate_ids: Sequence[int],
-                          loss: Callable[[Tensor], Tensor], *, steps: int, lr: float, reduction: str = "mean",
-                          prefix=None) -> list[float]:
-    """Full-batch :func:`optimise` steps on ``loss(candidate_logps)``, the per-prompt losses of the
-    ``(prompts, K)`` candidate log-probabilities (:func:`prefdyn.llm.logps.candidate_logps`; on the
-    :class:`~prefdyn.llm.features.FrozenPrefix` ``prefix`` when given). Returns the loss before every step."""
-    def loss_fn(model, index):
-        return loss(candidate_logps(model, policy.tokenizer, prompts, candidate_ids, policy.device, prefix))
+def fit_candidate_table(policy: Policy, prompts: Sequence[str], candidate_ids: Sequence[int],
+                        loss: Callable[[Tensor], Tensor], *, iterations: int, history: int = 10,
+                        prefix=None) -> list[float]:
+    """Minimise ``loss(candidate_logps).sum()`` (the per-prompt losses of the ``(prompts, K)``
+    candidate log-probabilities, :func:`prefdyn.llm.logps.candidate_logps`; on the
+    :class:`~prefdyn.llm.features.FrozenPrefix` ``prefix`` when given) over the trainable weights by
+    ``iterations`` iterations of L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`),
+    full batch, in one process. The loss is a function of ``K`` numbers per prompt, so near the
+    weights it is close to a quadratic of low rank, which L-BFGS minimises in a few iterations where
+    Adam's steps of fixed size would circle the minimum. Returns the loss at every evaluation."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, history_size=history,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)
+    losses: list[float] = []
 
-    history = optimise(policy.model, loss_fn, itertools.repeat(torch.arange(len(prompts))), steps=steps, lr=lr,
-                       reduction=reduction)
-    return [r["loss"] for r in history[:-1]]
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        with forward_precision(policy.device):
+            value = loss(candidate_logps(policy.model, policy.tokenizer, prompts, candidate_ids, policy.device,
+                                         prefix)).sum()
+        value.backward()
+        losses.append(value.item())
+        return value
+
+    policy.model.train()
+    optimizer.step(closure)
+    policy.model.eval()
+    return losses
 
 
 def train_only_top_blocks(model: torch.nn.Module, n_blocks: int | None) -> int:
