@@ -1,16 +1,20 @@
 """Chapter 5's experiments: alignment from demonstrations on the toys and on a real model.
 
 On the toys: :func:`valley_mass` (mass-covering against mode-seeking) and
-:func:`toy_extrapolation_instances` (the registered toy prediction: extrapolation beyond an
-early-stopped SFT policy, over fresh random instances). On the language model: :func:`chat_prompts`
-renders the prompts, :func:`sft` fine-tunes on the summed or the mean per-token NLL, :func:`draw`
-samples a policy, :func:`response_features` gives the reward models' input, :func:`flatten` lays
-per-prompt samples out one row per response, :func:`balanced_fit` fits the paper's discriminators,
-:func:`bradley_terry_rm` its preference baseline on golden-ranked pairs (:func:`preference_pairs`),
-:func:`per_prompt_accuracy` scores discriminators on held-out prompts, :func:`golden_scores` and
-:func:`component_rates` apply the book's golden criterion and :func:`golden_proxy` the HH-RLHF
-stand-in for it. :func:`standardised_lower_bound` and :func:`detectable_effect` are the statistics
-of the chapter's non-inferiority prediction and of its wording of a failed one.
+:func:`toy_extrapolation_instances` (extrapolation beyond an early-stopped SFT policy, over fresh
+random instances). On the language model: :func:`chat_prompts` renders the prompts, :func:`sft`
+fine-tunes on the summed or the mean per-token NLL, :func:`draw` samples a policy,
+:func:`score_samples` / :func:`score_responses` give each response's log-probability and the reward
+models' input in one pass (each prompt run once for all its responses), :func:`balanced_fit` fits the
+paper's discriminators, :func:`bradley_terry_rm` its preference baseline on golden-ranked pairs
+(:func:`preference_pairs`), :func:`per_prompt_accuracy` and :func:`pair_accuracy` score them on
+held-out prompts, :func:`golden` applies the book's golden criterion (:func:`golden_scores`,
+:func:`component_rates`) or, on HH-RLHF, the golden proxy (:func:`fit_golden_proxy`,
+:func:`proxy_agreement`). Best-of-N from one pool: :func:`best_of_n_curves`, :func:`pool_kl_curves`
+and :func:`peak` (over-optimisation). The statistics of the registered predictions:
+:class:`~prefdyn.stats.MeanWorld` and :class:`StandardisedMeanWorld` (non-inferiority,
+:func:`standardised_lower_bound`); :func:`findings` and :func:`central_claim` write the verdicts of
+"What we found".
 """
 from __future__ import annotations
 
@@ -251,15 +255,6 @@ def bradley_terry_rm(features: Tensor, golden: np.ndarray, l2: float) -> tuple[L
     if len(win) == 0:
         return None, 0
     return fit_bradley_terry(features[torch.as_tensor(win)], features[torch.as_tensor(lose)], l2), len(win)
-
-
-def golden_proxy(policy, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                 l2: float) -> LogisticModel:
-    """The golden stand-in for HH-RLHF: a Bradley-Terry reward model on :func:`response_features` of
-    the chosen against the rejected final turns of dialogues the chapter holds out (chat-templated
-    ``prompts``). A proxy for harmlessness, in the same feature space as the reward models it judges."""
-    return fit_bradley_terry(response_features(policy, prompts, chosen), response_features(policy, prompts, rejected),
-                             l2)
 
 
 def per_prompt_accuracy(model: LogisticModel, positive: Tensor, negative: Tensor, n_positive: int,
