@@ -149,6 +149,21 @@ def test_chapter_pages_offer_their_myst_source_and_one_search_box(book):
         assert not soup.select("a.btn-source-repository-button"), "a repository link although no URL is configured"
 
 
+def test_figures_and_theorems_are_numbered_within_their_chapter(book):
+    """Fig. 3.2 and Theorem 3.1 in chapter 3, not numbers running on across the book."""
+    top, _, html = book
+    assert html is not None
+    for i, chapter in enumerate(CHAPTERS, start=1):
+        soup = BeautifulSoup((top / "book" / "_build" / "html" / "book" / "_executed" / f"{chapter}.html").read_text(),
+                             "html.parser")
+        numbers = [s.get_text(strip=True) for s in soup.select("main figcaption .caption-number")]
+        numbers += [s.get_text(" ", strip=True) for s in soup.select("main .proof .caption-number, main p.admonition-title")
+                    if re.match(r"(Theorem|Lemma|Proposition|Definition|Corollary)\s+\d", s.get_text(" ", strip=True))]
+        assert numbers, f"{chapter}: no numbered figure or theorem"
+        wrong = [n for n in numbers if not re.search(rf"\b{i}\.\d+", n)]
+        assert not wrong, f"{chapter} is chapter {i}, but: {wrong[:5]}"
+
+
 def test_proof_index_lists_results_by_chapter_without_internal_paths(book):
     top, _, html = book
     assert html is not None
@@ -156,10 +171,12 @@ def test_proof_index_lists_results_by_chapter_without_internal_paths(book):
     text = soup.select_one("main").get_text(" ")
     assert "_executed" not in text and "thm-" not in text
     entries = [a.get_text(" ", strip=True) for a in soup.select("main table a")]
-    assert entries and all(re.match(r"(Theorem|Lemma|Proposition|Definition|Corollary|Remark) \d+ \(", e) for e in entries), entries
+    assert entries and all(re.match(r"(Theorem|Lemma|Proposition|Definition|Corollary|Remark) \d+\.\d+ \(", e)
+                           for e in entries), entries
     headings = [h.get_text(strip=True) for h in soup.select("main table tr.cap")]
     chapter_titles = [BeautifulSoup((top / "book" / "_build" / "html" / "book" / "_executed" / f"{c}.html").read_text(),
                                     "html.parser").select_one("main h1").get_text(strip=True).rstrip("#") for c in CHAPTERS]
+    chapter_titles = [re.sub(r"^\d+\.\s*", "", t) for t in chapter_titles]     # the chapter's number
     assert headings and headings == [t for t in chapter_titles if t in headings], "chapters out of the book's order"
 
 
