@@ -2,6 +2,7 @@
 plain autograd gradient descent on the head, explicit softmaxes and one-hot kernels, the closed forms
 of the theorems, and (slow) the model's own logits and scores."""
 import math
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,11 +10,13 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from prefdyn.book.registry import MAX_FALSE_PASS, load_registry
 from prefdyn.datasets.persona import load_persona
 from prefdyn.experiments import ch03, persona
 from prefdyn.llm import models
 from prefdyn.llm.models import transformer_blocks
 from prefdyn.params import ParameterError
+from prefdyn.stats import MeanWorld, bootstrap_mean_ci, simulated_pass_rate
 from prefdyn.theory import generalization as gen
 
 
@@ -212,11 +215,14 @@ def test_sweep_by_gradient_descent_against_autograd_on_the_yes_no_rows(loss):
                 assert out.test_error[i, j] == pytest.approx((rt <= 0).double().mean().item())
             if t == 1:
                 first = r.mean().item()
+            if t == steps:
+                v_last = (W[0] - W[1]).detach() / 2
             (grad,) = torch.autograd.grad(gen.loss_value(loss, r).mean(), W)
             with torch.no_grad():
                 W -= lr * grad
         assert np.allclose(out.test_margins[i], rt.detach().numpy(), atol=1e-12) and out.test_n[i] == mt.sum()
         assert out.constant_weight_margin[i] == pytest.approx(steps * first, rel=1e-12)
+        assert torch.allclose(out.v[i], v_last, atol=1e-12)   # W - W_0 = (e_Yes - e_No) v^T
     assert out.K.tolist() == [1, 2, 2]
 
 
@@ -384,3 +390,88 @@ def test_alone_versus_joint_resets_and_matches_the_model(smol, persona_examples,
             for k, p in model.named_parameters():
                 p.copy_(initial[k])
                 p.requires_grad_(trainable[k])
+
+
+# --- Every registered prediction in its null world: the chapter's own estimator, simulated -------------
+
+REGISTRY = load_registry("ch03-dpo-generalization")
+K_PREDICTIONS = {   # prediction -> the Sweep statistic its Spearman correlation is over
+    "margin-falls-with-K": "train_margin", "loss-slower-with-K": "test_loss",
+    "accuracy-slower-with-K": "train_accuracy", "error-grows-with-K": "test_error",
+    "ipo-error-grows-with-K": "test_error", "slic-error-grows-with-K": "test_error",
+    "adam-error-grows-with-K": "test_error", "adam-margin-falls-with-K": "train_margin"}
+CI_KS = [1, 2, 3, 4, 6, 8]          # the ci design: 8 behaviours
+
+
+def test_every_registered_prediction_is_tested_here_in_its_null_world():
+    assert set(REGISTRY.predictions) == set(K_PREDICTIONS) | {"heldout-accuracy"}
+    for pid, p in REGISTRY.predictions.items():
+        assert p.null_world and p.control and p.independence and p.effect_source
+        assert (p.implied_by is not None) == (pid in ("margin-falls-with-K", "adam-margin-falls-with-K"))
+        if pid in K_PREDICTIONS:
+            assert p.test == "spearman" and p.n["ci"] == len(CI_KS)
+
+
+def null_sweep(rng, Ks, runs_per_K, statistic, n_test=100, p_err=0.3):
+    """A Sweep whose per-run statistics do not depend on K (the null world of the K predictions): held-out
+    errors binomial with one rate, held-out margins and training statistics i.i.d. normal."""
+    units = [ch03.Unit(K, tuple("x" * K), ("x",)) for K in Ks for _ in range(1 if K == Ks[-1] else runs_per_K)]
+    R = len(units)
+    margins = [rng.normal(0.2, 1.0, n_test) for _ in range(R)]
+    err = np.array([[np.mean(rng.random(n_test) < p_err)] for _ in range(R)])
+    field = lambda: rng.normal(0.5, 0.1, (R, 1))
+    return ch03.Sweep(units, ch03.Training("gd", 0.1, 0.1, 1), np.array([1]), field(), field(), field(),
+                      np.array([[m.mean()] for m in margins]), field(), err, np.full(R, n_test), margins,
+                      np.ones(R), torch.zeros(R, 1))
+
+
+@pytest.mark.parametrize("pid", sorted(K_PREDICTIONS))
+def test_k_prediction_passes_at_its_false_pass_rate_in_the_null_world(pid):
+    """The chapter's estimator (k_curve, then its Spearman correlation over K) on sweeps in which K has no
+    effect passes the registered threshold about as often as the prediction's world says at no effect
+    (at most 0.05 at ci), and fails there most of the time."""
+    p = REGISTRY.prediction(pid)
+    symbol, threshold = p.comparison
+    rng = np.random.default_rng(zlib.crc32(pid.encode()))
+    stats, worlds = [], []
+    for _ in range(250):
+        curve = ch03.k_curve(null_sweep(rng, CI_KS, 8, K_PREDICTIONS[pid]), K_PREDICTIONS[pid])
+        stats.append(curve.spearman())
+        worlds.append(curve.world())
+    passed = np.mean(np.array([{"<=": np.less_equal, ">=": np.greater_equal}[symbol](x, threshold)
+                                    for x in stats]))
+    world_rate = simulated_pass_rate(worlds[0], p.no_effect, symbol, threshold, seed=1)
+    assert world_rate <= MAX_FALSE_PASS + 0.02
+    assert passed <= world_rate + 3 * math.sqrt(world_rate * (1 - world_rate) / 250) + 0.01
+    assert 1 - passed >= 0.9
+
+
+def test_error_predictions_and_heldout_accuracy_end_to_end_on_features_without_information():
+    """Labels independent of the features: no behaviour generalizes and K changes nothing. The whole
+    pipeline (split, focal design, sweep, k_curve) then passes 'the held-out error grows with K' and
+    'held-out accuracy above chance' about as rarely as their worlds say."""
+    p_err, p_acc = REGISTRY.prediction("error-grows-with-K"), REGISTRY.prediction("heldout-accuracy")
+    rng = np.random.default_rng(11)
+    names = list("abcdef")
+    Ks = [1, 2, 3, 4, 6]
+    err_pass, acc_pass = [], []
+    for sim in range(40):
+        n, d = 40, 6
+        G = torch.as_tensor(rng.normal(size=(len(names) * n, d))) + 1.0
+        s = torch.as_tensor(rng.choice([1, -1], len(names) * n))
+        own = np.repeat(names, n)
+        test = rng.random(len(own)) < 0.4
+        tr, te = (G[~test], s[~test], own[~test]), (G[test], s[test], own[test])
+        out = ch03.sweep(tr, te, ch03.focal_design(names, Ks, seed=sim), ch03.Training("gd", 1.0, 0.5, 20))
+        err_pass.append(p_err.passes(ch03.k_curve(out, "test_error").spearman()))
+        acc = 1 - ch03.unit_values(out, "test_error")
+        acc_pass.append(p_acc.passes(bootstrap_mean_ci(acc - 0.5, n_boot=500, seed=sim)[1]))
+    assert np.mean(err_pass) <= 0.2 and np.mean(acc_pass) <= 0.2       # nominal <= 0.07 at 5 values of K
+
+
+def test_heldout_accuracy_world_is_selective_and_powered_as_registered():
+    p = REGISTRY.prediction("heldout-accuracy")
+    values = np.random.default_rng(0).normal(0.1, 0.1, p.n["ci"])          # any run's spread
+    world = MeanWorld(values, 2000)
+    assert simulated_pass_rate(world, p.no_effect, *p.comparison, seed=2) <= MAX_FALSE_PASS + 0.02
+    assert simulated_pass_rate(world, p.effect, *p.comparison, seed=3) >= 0.8

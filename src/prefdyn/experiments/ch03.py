@@ -29,6 +29,7 @@ from scipy.special import logsumexp
 from torch import Tensor
 
 from ..datasets.persona import train_test_split
+from ..llm.features import embeddings
 from ..llm.logps import preference_logps
 from ..llm.models import kept_weights
 from ..llm.train import train_only_top_blocks, train_preferences
@@ -249,7 +250,8 @@ class Sweep:
     step. ``constant_weight_margin[r]``: the mean training margin the run would have after the last
     step with every weight ``-f'(r_i)`` frozen at its value at ``r = 0`` (gradient descent: ``steps``
     times the first step's; Adam: :func:`prefdyn.theory.generalization.adam_frozen_margin`), the
-    comparison of the chapter's K-dilution proposition."""
+    comparison of the chapter's K-dilution proposition. ``v[r]``: the run's head direction after the last
+    step (``W - W_0 = (e_Yes - e_No) v^T``)."""
 
     units: list[Unit]
     training: Training
@@ -263,6 +265,7 @@ class Sweep:
     test_n: np.ndarray
     test_margins: list
     constant_weight_margin: np.ndarray
+    v: Tensor
 
     @property
     def K(self) -> np.ndarray:
@@ -274,20 +277,6 @@ class Sweep:
         return float(np.mean(self.train_margin[:, -1] / self.constant_weight_margin))
 
 
-def _blocks(features: tuple[Tensor, Tensor, np.ndarray], groups: Sequence[Sequence[str]]):
-    """The rows of ``features`` (``(G, s, behaviour)``) whose behaviour is in each group, padded into one
-    block: ``(G (R, n, d), s (R, n), mask (R, n))``."""
-    G, s, own = features
-    idx = [np.flatnonzero(np.isin(own, list(g))) for g in groups]
-    n = max(len(i) for i in idx)
-    Gb = torch.zeros(len(groups), n, G.shape[1], dtype=G.dtype)
-    sb = torch.zeros(len(groups), n, dtype=G.dtype)
-    mask = torch.zeros(len(groups), n, dtype=torch.bool)
-    for r, i in enumerate(idx):
-        Gb[r, :len(i)], sb[r, :len(i)], mask[r, :len(i)] = G[torch.as_tensor(i)], s[torch.as_tensor(i)].to(G.dtype), True
-    return Gb, sb, mask
-
-
 def sweep(train: tuple[Tensor, Tensor, np.ndarray], test: tuple[Tensor, Tensor, np.ndarray], units: Sequence[Unit],
           training: Training) -> Sweep:
     """Train the " Yes"/" No" rows of the head on each unit's training statements and score it.
@@ -296,53 +285,51 @@ def sweep(train: tuple[Tensor, Tensor, np.ndarray], test: tuple[Tensor, Tensor, 
     ``(G, s, behaviour)``. Only ``W - W_0 = u v^T`` with ``u = e_Yes - e_No`` moves, so every margin is
     ``r = 2 beta s v^T g`` (the chapter's eq-ch3-margin), and a gradient-descent step adds
     ``lr beta mean_i(-f'(r_i) s_i g_i)`` to ``v`` (the step of :func:`prefdyn.theory.generalization.gd_last_layer`
-    with the one token pair); Adam follows
-    :func:`prefdyn.theory.generalization.adam_last_layer`. The runs of one ``K`` are trained together,
-    as a batch of independent problems (their statements padded with zero weight)."""
+    with the one token pair); Adam follows :func:`prefdyn.theory.generalization.adam_last_layer`. All
+    runs are trained together as independent problems: one matrix ``V`` of their directions against all
+    the statements, each run's weights masked to its own (so the features are read once per step)."""
     kept = training.steps_kept
     out = {k: np.zeros((len(units), len(kept))) for k in
            ("train_margin", "train_loss", "train_accuracy", "test_margin", "test_loss", "test_error")}
-    test_n, test_margins, constant = np.zeros(len(units), int), [None] * len(units), np.zeros(len(units))
-    beta, loss = training.beta, training.loss
-    for K in sorted({u.K for u in units}):
-        rows = [i for i, u in enumerate(units) if u.K == K]
-        G, s, mask = _blocks(train, [units[i].subset for i in rows])
-        Gt, st, mask_t = _blocks(test, [units[i].scored for i in rows])
-        n, n_t = mask.sum(1, keepdim=True).to(G.dtype), mask_t.sum(1, keepdim=True).to(G.dtype)
-        m = (s[:, :, None] * G).sum(1) / n                            # signed mean of each run
-        v = torch.zeros(len(rows), G.shape[2], dtype=G.dtype)
-        mom, sq = torch.zeros_like(v), torch.zeros_like(v)
-        j = 0
-        for t in range(training.steps + 1):
-            h = 2 * beta * s * torch.bmm(G, v[:, :, None])[..., 0]
-            if t == kept[j]:
-                h_t = 2 * beta * st * torch.bmm(Gt, v[:, :, None])[..., 0]
-                for name, x, msk, cnt in (("train", h, mask, n), ("test", h_t, mask_t, n_t)):
-                    mean = lambda y: ((y * msk).sum(1, keepdim=True) / cnt)[:, 0].numpy()
-                    out[f"{name}_margin"][rows, j] = mean(x)
-                    out[f"{name}_loss"][rows, j] = mean(gen.loss_value(loss, x))
-                    correct = mean((x > 0).to(G.dtype))
-                    out["train_accuracy" if name == "train" else "test_error"][rows, j] = \
-                        correct if name == "train" else 1 - correct
-                j += 1
-            if t == training.steps:
-                break
-            weight = gen.loss_weight(loss, h) * mask / n
-            grad = -beta * ((weight * s)[:, :, None] * G).sum(1)     # d/dv of the mean loss, halved: W's step
-            if training.optimizer == "gd":
-                v = v - training.lr * grad
-                if t == 0:
-                    first = (2 * beta * (s * torch.bmm(G, v[:, :, None])[..., 0]) * mask).sum(1) / n[:, 0]
-            else:
-                mom, sq = 0.9 * mom + 0.1 * grad, 0.999 * sq + 0.001 * grad * grad
-                v = v - training.lr / (1 - 0.9 ** (t + 1)) * mom / ((sq / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8)
-        for k, i in enumerate(rows):
-            test_n[i] = int(mask_t[k].sum())
-            test_margins[i] = h_t[k][mask_t[k]].numpy()
-        constant[rows] = (training.steps * first.numpy() if training.optimizer == "gd" else
-                          gen.adam_frozen_margin(m, beta, training.lr, training.steps).numpy())
-    return Sweep(list(units), training, kept, test_n=test_n, test_margins=test_margins,
-                 constant_weight_margin=constant, **out)
+    (G, s, own), (Gt, st, own_t) = train, test
+    beta, loss, dtype = training.beta, training.loss, G.dtype
+    mask = torch.as_tensor(np.stack([np.isin(own, u.subset) for u in units])).to(dtype)
+    mask_t = torch.as_tensor(np.stack([np.isin(own_t, u.scored) for u in units])).to(dtype)
+    n, n_t = mask.sum(1, keepdim=True), mask_t.sum(1, keepdim=True)
+    if (n == 0).any() or (n_t == 0).any():
+        raise ValueError("a unit has no training or no held-out statement among the features given")
+    s, st = s.to(dtype), st.to(dtype)
+    m = (mask * s) @ G / n                                          # each run's signed mean
+    v = torch.zeros(len(units), G.shape[1], dtype=dtype)
+    mom, sq = torch.zeros_like(v), torch.zeros_like(v)
+    mean = lambda y, msk, cnt: ((y * msk).sum(1, keepdim=True) / cnt)[:, 0].numpy()
+    j = 0
+    for t in range(training.steps + 1):
+        h = 2 * beta * (v @ G.T) * s
+        if t == kept[j]:
+            h_t = 2 * beta * (v @ Gt.T) * st
+            for name, x, msk, cnt in (("train", h, mask, n), ("test", h_t, mask_t, n_t)):
+                out[f"{name}_margin"][:, j] = mean(x, msk, cnt)
+                out[f"{name}_loss"][:, j] = mean(gen.loss_value(loss, x), msk, cnt)
+                correct = mean((x > 0).to(dtype), msk, cnt)
+                out["train_accuracy" if name == "train" else "test_error"][:, j] = correct if name == "train" else 1 - correct
+            j += 1
+        if t == training.steps:
+            break
+        grad = -beta * (gen.loss_weight(loss, h) * mask / n * s) @ G     # the gradient of W's " Yes" row
+        if training.optimizer == "gd":
+            v = v - training.lr * grad
+            if t == 0:
+                first = mean(2 * beta * (v @ G.T) * s, mask, n)
+        else:
+            mom, sq = 0.9 * mom + 0.1 * grad, 0.999 * sq + 0.001 * grad * grad
+            v = v - training.lr / (1 - 0.9 ** (t + 1)) * mom / ((sq / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8)
+    keep_t = mask_t.bool()
+    constant = (training.steps * first if training.optimizer == "gd" else
+                gen.adam_frozen_margin(m, beta, training.lr, training.steps).numpy())
+    return Sweep(list(units), training, kept, test_n=keep_t.sum(1).numpy(),
+                 test_margins=[h_t[r][keep_t[r]].numpy() for r in range(len(units))],
+                 constant_weight_margin=np.asarray(constant), v=v, **out)
 
 
 @dataclass
@@ -478,7 +465,115 @@ def merge_sweeps(parts: Sequence[Sweep]) -> Sweep:
     return Sweep(sum((p.units for p in parts), []), first.training, first.steps,
                  **{k: cat(k) for k in ("train_margin", "train_loss", "train_accuracy", "test_margin", "test_loss",
                                         "test_error", "test_n", "constant_weight_margin")},
-                 test_margins=sum((p.test_margins for p in parts), []))
+                 test_margins=sum((p.test_margins for p in parts), []), v=torch.cat([p.v for p in parts]))
+
+
+def sweep_groups(groups: Sequence[tuple[Sequence[Unit], tuple, tuple]], training: Training) -> Sweep:
+    """:func:`sweep` on each ``(units, train, test)`` group (the book's design is one group; the authors'
+    has one per named set, each with its own pooled split), merged into one :class:`Sweep`."""
+    return merge_sweeps([sweep(train, test, units, training) for units, train, test in groups])
+
+
+def final_norm_weight(model) -> Tensor:
+    """The stored weight of the model's final norm (``model.norm.weight`` of the decoder), as the authors'
+    code reads it from the state dict (``'model.norm.weight'``)."""
+    return model.get_decoder().norm.weight.detach().float().cpu()
+
+
+def statement_features(policy, statements: Mapping[str, Sequence], per_behaviour: int | None, seed: int,
+                       second_norm: bool) -> tuple[Tensor, np.ndarray]:
+    """The features of Figure 3 and of the Gaussian-fit diagnostics as ``persona_structure.ipynb``
+    computes them: the bare ``statement`` (no question, no chat template), the behaviour-matching
+    (" Yes") statements only, the final hidden state of the last token, normalised a second time
+    (:func:`second_rms_norm`) when ``second_norm`` (the authors' code) and not otherwise (the book's
+    feature); at most ``per_behaviour`` statements of each behaviour (``None``: all), drawn by
+    ``np.random.default_rng(seed)``. Returns the features and each one's behaviour."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for name, group in statements.items():
+        yes = [ex for ex in group if ex.matches]
+        if per_behaviour is not None and len(yes) > per_behaviour:
+            yes = [yes[i] for i in sorted(rng.choice(len(yes), per_behaviour, replace=False))]
+        chosen += yes
+    with torch_threads(None):
+        G = embeddings(policy, [ex.statement for ex in chosen]).double()
+    if second_norm:
+        G = second_rms_norm(G, final_norm_weight(policy.model))
+    return G, np.array([ex.behaviour for ex in chosen])
+
+
+def protocol_differences(*, model: str, held: Mapping[int, Sequence[str]], behaviours: Sequence[str],
+                         per_behaviour: int | None, held_out: int, authors_all: bool) -> list[list[str]]:
+    """Every difference between the authors' last-layer experiment (``last_layer_training.py`` and, for
+    Figure 3, ``persona_structure.ipynb`` of ``shawn-im/dpo-diverse``), what ``protocol="authors"`` runs
+    here, and the book's protocol: rows of ``[aspect, authors' code, protocol="authors", protocol="book"]``.
+    ``held``: the named sets the data hold (:func:`authors_subsets`); ``behaviours``, ``per_behaviour`` and
+    ``held_out``: the book protocol's data; ``authors_all``: whether the authors' protocol read every
+    statement (``False`` at the smoke scale)."""
+    sets = "; ".join(f"K = {len(v)} from their set of {K}" for K, v in held.items())
+    missing = sorted(set(sum(APPENDIX_F_SUBSETS.values(), ())) - set(sum((tuple(v) for v in held.values()), ())))
+    return [
+        ["model", "Llama-3.1-8B (float32)", f"`{model}`", f"`{model}`"],
+        ["prompt", "the raw `question` text, tokenised with the tokenizer's special tokens", "the same",
+         "the question in the model's chat template"],
+        ["feature", "last token's `hidden_states[-1]` (already after the final norm), RMS-normalised again "
+         "(ε = 1e-5) and multiplied by the final norm's stored weight", "the same (`second_rms_norm`)",
+         "last token's final hidden state, normalised once: the input of the LM head"],
+        ["personas and K", "Appendix F's sets for K = 1, 2, 4, 8, 16 (28 distinct personas)",
+         f"the same sets, restricted to the personas the data hold: {sets}; not held: {', '.join(missing) or 'none'}",
+         f"{len(behaviours)} behaviours; each K in the design, every behaviour as the focal one with K − 1 "
+         "companions drawn at random (one run at K = all)"],
+        ["runs per K", "one", "one", f"{len(behaviours)} (one per focal behaviour), one at K = all"],
+        ["statements", "every statement of each persona file (about 1,000)",
+         "every statement" if authors_all else "a class-balanced subsample (smoke scale only)",
+         f"{per_behaviour or 'every'} per behaviour, class-balanced"],
+        ["split", "pooled over the set's statements, `random.seed(1234)` and `random.shuffle`, the first "
+         "`int(0.9 n)` trained on", "the same (a different permutation where personas are missing: the "
+         "pooled list is shorter)", f"{held_out} statements per behaviour held out, half of each answer, "
+         "seeded by the run's seed"],
+        ["held-out statements scored", "the set's pooled test split", "the same",
+         "the focal behaviour's held-out statements: every K is scored on the same statements"],
+        ["optimiser", "Adam (β₁ 0.9, β₂ 0.999, ε 1e-8), learning rate 1e-3, full batch, 100 steps",
+         "the same", "the same Adam runs; beside them gradient descent on DPO, IPO and SLiC "
+         "(the theorem's setting)"],
+        ["weights trained", "the whole 128,256 × 4,096 head in float32",
+         'the " Yes"/" No" rows in float64: the others have zero gradient, which Adam leaves at zero, '
+         "and the two rows' updates are opposite (`gen.adam_last_layer`)", "the same"],
+        ["β", "0.01", "0.01 (Adam); `beta` for gradient descent", "0.01 (Adam); `beta` for gradient descent"],
+        ["what is logged", "loss, reward accuracy and β-scaled margin on the training batch and the test split "
+         "before each of the 100 updates (the last after 99), and ‖W − W₀‖",
+         "the same statistics after 0 … 99 updates", "after 0 … 100 updates"],
+        ["reference model", "the head applied to the doubly normalised feature (it cancels from every margin)",
+         "not computed (it cancels)", "the model's own logits, for the policy's own preferences and the no-flip count"],
+        ["answer tokens", 'Llama 3\'s " Yes"/" No" (7566/2360)', "do not enter the margins",
+         '"Yes"/"No" after the chat template (for the reference only)'],
+        ["Figure 3 and the Gaussian fit", 'bare `statement`s of the matching (" Yes") statements, doubly '
+         "normalised; all 135 personas (Figure 6) or 10 random ones (Figure 3); the fit scaled by the mean "
+         "squared norm over all", "the same on the held personas", "the same statistics on the once-normalised "
+         "feature of the run's behaviours, a subsample per behaviour"],
+        ["seed", "`torch.manual_seed(1234)` (no effect on full-batch training)", "none needed",
+         "the run's `seed` (split, companions, subsamples)"],
+    ]
+
+
+def findings(checks: Sequence, sentences: Mapping[str, str]) -> str:
+    """What a chapter found, as Markdown: one bullet per registered prediction checked in this run, the
+    verdict first, then ``sentences[id]`` (what was predicted) and the measurement; not reproduced and
+    inconclusive verdicts first, then implied, then reproduced."""
+    from ..book.verify import IMPLIED, INCONCLUSIVE, NOT_REPRODUCED, fmt, outcome
+
+    order = {NOT_REPRODUCED: 0, INCONCLUSIVE: 1, IMPLIED: 2}
+    rows = sorted((c for c in checks if c.kind == "prediction"), key=lambda c: order.get(outcome(c.status), 3))
+    out = []
+    for c in rows:
+        p = c.prediction
+        control = p.get("control")
+        ctrl = (f"; control ({control['claim']}): {fmt(control['observed'])}, needs {control['passes_if']}"
+                if control else "")
+        out.append(f"- **{c.status}**: {sentences.get(p['id'], c.claim)} Measured {fmt(c.observed)} "
+                   f"(passes if {c.tolerance}; {p['n']} {p['units']}; power {p['power']:.2f}, false-pass "
+                   f"{p['false_pass']:.3f}{ctrl}).")
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------------
