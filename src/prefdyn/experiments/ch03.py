@@ -470,8 +470,10 @@ def merge_sweeps(parts: Sequence[Sweep]) -> Sweep:
 
 def sweep_groups(groups: Sequence[tuple[Sequence[Unit], tuple, tuple]], training: Training) -> Sweep:
     """:func:`sweep` on each ``(units, train, test)`` group (the book's design is one group; the authors'
-    has one per named set, each with its own pooled split), merged into one :class:`Sweep`."""
-    return merge_sweeps([sweep(train, test, units, training) for units, train, test in groups])
+    has one per named set, each with its own pooled split), merged into one :class:`Sweep`; the matrix
+    products take the run's share of threads."""
+    with torch_threads(None):
+        return merge_sweeps([sweep(train, test, units, training) for units, train, test in groups])
 
 
 def final_norm_weight(model) -> Tensor:
@@ -523,7 +525,8 @@ def protocol_differences(*, model: str, held: Mapping[int, Sequence[str]], behav
          f"the same sets, restricted to the personas the data hold: {sets}; not held: {', '.join(missing) or 'none'}",
          f"{len(behaviours)} behaviours; each K in the design, every behaviour as the focal one with K − 1 "
          "companions drawn at random (one run at K = all)"],
-        ["runs per K", "one", "one", f"{len(behaviours)} (one per focal behaviour), one at K = all"],
+        ["runs per K", "one", f"one ({len(held)} values of K here: a Spearman correlation over so few cannot be "
+         "selective)", f"{len(behaviours)} (one per focal behaviour), one at K = all"],
         ["statements", "every statement of each persona file (about 1,000)",
          "every statement" if authors_all else "a class-balanced subsample (smoke scale only)",
          f"{per_behaviour or 'every'} per behaviour, class-balanced"],
@@ -534,15 +537,17 @@ def protocol_differences(*, model: str, held: Mapping[int, Sequence[str]], behav
         ["held-out statements scored", "the set's pooled test split", "the same",
          "the focal behaviour's held-out statements: every K is scored on the same statements"],
         ["optimiser", "Adam (β₁ 0.9, β₂ 0.999, ε 1e-8), learning rate 1e-3, full batch, 100 steps",
-         "the same", "the same Adam runs; beside them gradient descent on DPO, IPO and SLiC "
-         "(the theorem's setting)"],
+         "the same; beside them, the book's own gradient-descent runs on DPO, IPO and SLiC on the same data "
+         "and sets (not in their code)", "the same Adam runs; beside them gradient descent on DPO, IPO and "
+         "SLiC (the theorem's setting)"],
         ["weights trained", "the whole 128,256 × 4,096 head in float32",
          'the " Yes"/" No" rows in float64: the others have zero gradient, which Adam leaves at zero, '
          "and the two rows' updates are opposite (`gen.adam_last_layer`)", "the same"],
-        ["β", "0.01", "0.01 (Adam); `beta` for gradient descent", "0.01 (Adam); `beta` for gradient descent"],
+        ["β", "0.01", "0.01 (Adam); `beta` for the gradient-descent runs", "0.01 (Adam); `beta` for gradient descent"],
         ["what is logged", "loss, reward accuracy and β-scaled margin on the training batch and the test split "
          "before each of the 100 updates (the last after 99), and ‖W − W₀‖",
-         "the same statistics after 0 … 99 updates", "after 0 … 100 updates"],
+         "the same statistics after 0 … 99 updates (gradient descent: after 0 … T)", "after 0 … 100 updates "
+         "(gradient descent: after 0 … T)"],
         ["reference model", "the head applied to the doubly normalised feature (it cancels from every margin)",
          "not computed (it cancels)", "the model's own logits, for the policy's own preferences and the no-flip count"],
         ["answer tokens", 'Llama 3\'s " Yes"/" No" (7566/2360)', "do not enter the margins",
