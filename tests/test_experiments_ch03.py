@@ -372,13 +372,13 @@ def test_alone_versus_joint_resets_and_matches_the_model(smol, persona_examples,
     yes, no = models.single_token_id(smol.tokenizer, "Yes"), models.single_token_id(smol.tokenizer, "No")
     common = {"head": head, "yes_id": yes, "no_id": no, "beta": 0.1, "batch_size": 2, "lr": 1e-3, "seed": 0,
               "top_blocks": 1}
+    cfg = lambda steps: ch03.TopBlocks(steps=steps, **common)
     idx = np.arange(len(train))
     try:
         # no step: the reference from the features is the model's own score, so every margin is ~ 0
-        still, _ = ch03.alone_versus_joint(smol, train, G_train, {"a": idx}, held, G_held, steps=0, **common)
+        still, _ = ch03.alone_versus_joint(smol, train, G_train, {"a": idx}, held, G_held, cfg(0))
         assert np.abs(still["a"]).max() < 1e-4
-        moved, n_trained = ch03.alone_versus_joint(smol, train, G_train, {"a": idx, "b": idx}, held, G_held, steps=1,
-                                                   **common)
+        moved, n_trained = ch03.alone_versus_joint(smol, train, G_train, {"a": idx, "b": idx}, held, G_held, cfg(1))
         assert np.array_equal(moved["a"], moved["b"])              # both runs start from the same weights
         assert np.abs(moved["a"]).max() > 1e-6
         block_norm = sum(p.numel() for p in transformer_blocks(model)[-1].parameters()) + \

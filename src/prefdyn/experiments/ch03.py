@@ -585,18 +585,37 @@ def findings(checks: Sequence, sentences: Mapping[str, str]) -> str:
 # The real model: DPO on its top blocks, one behaviour alone and among all
 # --------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TopBlocks:
+    """How :func:`alone_versus_joint` trains: AdamW DPO with ``beta``, ``steps`` steps of ``batch_size``
+    statements at learning rate ``lr`` (seed ``seed``), on the top ``top_blocks`` blocks and the final
+    norm (``None``: every weight); the reference log-probabilities come from the LM head ``head`` at
+    the tokens ``yes_id`` and ``no_id``."""
+
+    beta: float
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    top_blocks: int | None
+    head: Tensor
+    yes_id: int
+    no_id: int
+
+
 def alone_versus_joint(policy, examples, features: Tensor, pools: dict[str, np.ndarray], held, held_features: Tensor,
-                       *, head: Tensor, yes_id: int, no_id: int, beta: float, steps: int, batch_size: int, lr: float,
-                       seed: int, top_blocks: int | None) -> tuple[dict[str, np.ndarray], int]:
-    """AdamW DPO (:func:`prefdyn.llm.train.train_preferences`) on the top ``top_blocks`` blocks and the
-    final norm (``None``: every weight), once per pool of training statements (``pools``: label ->
-    indices into ``examples``, whose features are ``features``), each time from the same starting
-    weights, and the reward margins ``beta (log pi/pi_ref)(y_w) - beta (log pi/pi_ref)(y_l)`` of the
-    held-out statements ``held`` after each run. References come from the cached features
-    (:func:`prefdyn.experiments.persona.reference_from_features`). The training runs take every torch thread; the held-out
-    reference is computed on the caller's threads. The policy is returned to its starting weights.
+                       training: TopBlocks) -> tuple[dict[str, np.ndarray], int]:
+    """DPO on the top blocks (:func:`prefdyn.llm.train.train_preferences`, as ``training`` says), once per
+    pool of training statements (``pools``: label -> indices into ``examples``, whose features are
+    ``features``), each time from the same starting weights, and the reward margins
+    ``beta (log pi/pi_ref)(y_w) - beta (log pi/pi_ref)(y_l)`` of the held-out statements ``held`` after
+    each run. References come from the cached features
+    (:func:`prefdyn.experiments.persona.reference_from_features`). The training runs take the run's share
+    of threads. The policy is returned to its starting weights (:func:`prefdyn.llm.models.kept_weights`).
 
     Returns the held-out margins of each pool and the number of trained weights."""
+    t = training
+    head, yes_id, no_id, beta = t.head, t.yes_id, t.no_id, t.beta
     tok = policy.tokenizer
     held_pairs = persona_pairs(tok, held)
     held_ref = reference_from_features(held_features, held, head, yes_id, no_id)
@@ -604,10 +623,10 @@ def alone_versus_joint(policy, examples, features: Tensor, pools: dict[str, np.n
     with torch_threads(None):
         for label, idx in pools.items():
             with kept_weights(policy.model):
-                n_trained = train_only_top_blocks(policy.model, top_blocks)
+                n_trained = train_only_top_blocks(policy.model, t.top_blocks)
                 pool = [examples[i] for i in idx]
-                train_preferences(policy, persona_pairs(tok, pool), loss="dpo", beta=beta, steps=steps,
-                                  batch_size=batch_size, lr=lr, seed=seed,
+                train_preferences(policy, persona_pairs(tok, pool), loss="dpo", beta=beta, steps=t.steps,
+                                  batch_size=t.batch_size, lr=t.lr, seed=t.seed,
                                   reference=reference_from_features(features[idx], pool, head, yes_id, no_id),
                                   progress=False)
                 w, l = preference_logps(policy, held_pairs.prompts, held_pairs.chosen, held_pairs.rejected)
