@@ -201,6 +201,17 @@ def smoothness(features: Tensor, beta: float, groups=None) -> float:
     return beta**2 * out
 
 
+def stable_step_bound(L: float) -> float:
+    """The step below which full-batch gradient descent on a last layer's mean DPO loss never increases
+    it: ``4/L``, with ``L = beta^2 lambda_max(E[g g^T])`` (:func:`smoothness`). The logistic loss's curvature
+    is at most 1/4 (``sigma(h) sigma(-h) <= 1/4``), so the loss is ``L``-smooth in ``v``; a step ``lr`` on ``W``
+    is a step ``lr/2`` on ``v``, and the descent lemma for that step gives descent whenever ``lr < 4/L``
+    (chapter 2, the rank-one theorem's part 4)."""
+    if not L > 0:
+        raise ValueError(f"L={L!r} must be positive (a smoothness constant)")
+    return 4.0 / L
+
+
 def resampled_losses_after(features: Tensor, s, groups, weights, *, beta: float, lr: float, steps: int,
                            separate: bool = False) -> np.ndarray:
     """Mean DPO loss of every group after ``steps`` full-batch gradient steps, for ``R`` reweightings
