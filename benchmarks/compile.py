@@ -17,7 +17,7 @@ import time
 import torch
 
 from prefdyn import objectives
-from prefdyn.datasets.persona import load_persona
+from prefdyn.datasets.persona import behaviour_split, load_persona
 from prefdyn.experiments.persona import persona_pairs
 from prefdyn.llm import logps, models
 
@@ -50,7 +50,8 @@ def main() -> None:
     if args.layers:
         del models.transformer_blocks(policy.model)[args.layers:]
         policy.model.config.num_hidden_layers = args.layers
-    examples = [e for group in load_persona(max_per_behaviour=8).values() for e in group]
+    examples = [e for group in load_persona(behaviours=behaviour_split()["development"][:11],
+                                            max_per_behaviour=8).values() for e in group]
     pairs = persona_pairs(policy.tokenizer, examples)
     encoded = logps.EncodedPairs.of(policy.tokenizer, pairs.prompts, pairs.chosen, pairs.rejected)
     eager = steps(policy, copy.deepcopy(policy.model), encoded, args.steps, args.batch)

@@ -100,10 +100,11 @@ def make_pairs(kind: str, tokenizer, n: int, seed: int):
     from prefdyn.llm.train import PreferencePairs
 
     if kind == "persona":
-        from prefdyn.datasets.persona import load_persona
+        from prefdyn.datasets.persona import behaviour_split, load_persona
 
         per_behaviour = -(-n // 11) + 1
-        by_behaviour = load_persona(max_per_behaviour=per_behaviour, seed=seed)
+        by_behaviour = load_persona(behaviours=behaviour_split()["development"][:11],
+                                    max_per_behaviour=per_behaviour, seed=seed)
         # interleave behaviours so any prefix mixes them
         examples = [ex for group in zip(*by_behaviour.values()) for ex in group][:n]
         if len(examples) < n:

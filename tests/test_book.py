@@ -79,9 +79,14 @@ def test_built_page_has_figures_table_and_no_errors(book, chapter):
         assert png_width(page.parent / src) <= 800, f"{src} is {png_width(page.parent / src)} px wide: use book.figures.panels"
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS)
+DETERMINISM_CHAPTER = "ch03-dpo-generalization" if "ch03-dpo-generalization" in CHAPTERS else CHAPTERS[0]
+
+
+@pytest.mark.parametrize("chapter", [DETERMINISM_CHAPTER])
 def test_same_seed_and_scale_give_identical_checks(book, chapter):
-    """Determinism: a second execution (cache bypassed) at the same seed and scale on the same machine."""
+    """Determinism end to end on one chapter: a second execution (cache bypassed) at the same seed and
+    scale on the same machine. Every driver has a determinism test of its own in its module's tests,
+    and every chapter is held to its committed reference run (test_reproduces_its_reference_run)."""
     top, results, _ = book
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
@@ -115,7 +120,9 @@ def test_ledger_page_lists_every_declared_claim_by_paper_and_links_its_chapter(b
     titles = [h.get_text(" ", strip=True) for h in soup.select("main h2")]
     papers = [p["title"] for p in load_papers().values()]
     assert [t.rstrip("#").strip() for t in titles if t.rstrip("#").strip() in papers] == papers, titles
-    rows = soup.select("main table tbody tr")
+    summaries = [t for t in soup.select("main table")     # one summary table per paper: claim, this book, section
+                 if [th.get_text(strip=True) for th in t.select("thead th")] == ["claim", "this book", "section"]]
+    rows = [tr for t in summaries for tr in t.select("tbody tr")]
     declared = [c for paper in load_papers() for chapter in CHAPTERS for c in load_registry(chapter).claims
                 if c.paper == paper]   # grouped by paper, in the order of papers.yml
     assert len(rows) == len(declared)

@@ -1,16 +1,22 @@
 """The ``demos_path`` loader (prefdyn.datasets.demonstrations) in HH-RLHF's format, against hand-built files."""
 import gzip
+import hashlib
 import json
 import re
+import shutil
 
 import pytest
 
+from prefdyn.datasets import demonstrations
 from prefdyn.datasets.demonstrations import (
+    HH_RLHF_HARMLESS_BASE,
+    data_record,
     dialogue_turns,
     load_demonstrations,
     provenance,
     split_dialogue,
 )
+from prefdyn.datasets.packaged import PackagedDataError, manifest_sha256, read_manifest
 
 ONE_TURN = {"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that.",
             "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Use a tension wrench."}
@@ -95,3 +101,45 @@ def test_a_loaded_set_is_the_sequence_of_its_demonstrations(tmp_path):
     loaded = load_demonstrations(write(tmp_path / "hh.jsonl", [ONE_TURN, TWO_TURNS]))
     assert len(loaded) == 2 and loaded[1] == loaded.demonstrations[1]
     assert loaded[:1] == loaded.demonstrations[:1] and list(loaded) == loaded.demonstrations
+
+
+# --- the packaged HH-RLHF harmless-base test split -------------------------------------------------
+
+def test_the_packaged_split_is_the_original_file_with_licence_source_and_manifest():
+    folder = HH_RLHF_HARMLESS_BASE.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["LICENSE", "SHA256SUMS", "SOURCE.md",
+                                                        "harmless-base-test.jsonl.gz"]
+    assert "MIT License" in (folder / "LICENSE").read_text() and "Anthropic" in (folder / "LICENSE").read_text()
+    source = (folder / "SOURCE.md").read_text()
+    assert all(fact in source for fact in ("anthropics/hh-rlhf", "354e5c3c", "MIT", "Bai"))
+    digest = hashlib.sha256(HH_RLHF_HARMLESS_BASE.read_bytes()).hexdigest()
+    assert read_manifest(folder) == {"harmless-base-test.jsonl.gz": digest}
+    with gzip.open(HH_RLHF_HARMLESS_BASE, "rt", encoding="utf-8") as f:
+        assert sum(1 for _ in f) == 2312
+
+
+def test_hh_rlhf_selects_the_packaged_split():
+    loaded = load_demonstrations("hh-rlhf")
+    assert loaded.format == "hh-rlhf" and len(loaded) == 2308 and loaded.skipped_empty == 4
+    assert load_demonstrations(HH_RLHF_HARMLESS_BASE).demonstrations == loaded.demonstrations
+    text = provenance("hh-rlhf", loaded)
+    manifest = manifest_sha256(HH_RLHF_HARMLESS_BASE.parent)
+    assert text.startswith("the harmless-base test split of Anthropic's HH-RLHF (2308 dialogues; 4 with an empty")
+    assert "354e5c3c" in text and manifest[:12] in text
+    record = data_record("hh-rlhf", loaded)
+    assert record["commit"] == "354e5c3c" and record["manifest_sha256"] == manifest and record["demonstrations"] == 2308
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_packaged_split_is_a_clear_error(tmp_path, monkeypatch, damage):
+    folder = tmp_path / "hh_rlhf"
+    shutil.copytree(HH_RLHF_HARMLESS_BASE.parent, folder)
+    copy = (folder / HH_RLHF_HARMLESS_BASE.name).resolve()
+    monkeypatch.setattr(demonstrations, "HH_RLHF_HARMLESS_BASE", copy)
+    if damage == "truncated":
+        copy.write_bytes(copy.read_bytes()[:1000])
+    else:
+        copy.unlink()
+    with pytest.raises(PackagedDataError) as info:
+        load_demonstrations("hh-rlhf")
+    assert str(copy) in str(info.value) and "git checkout -- " in str(info.value)

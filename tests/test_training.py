@@ -64,7 +64,7 @@ def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
     """One process under `accelerate launch` gives the losses of a plain `prefdyn train`."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert accelerate, "accelerate's launcher is missing from the environment"
-    args = ["train", "--steps", "2", "--batch", "4", "--behaviours", "agreeableness", "--per-behaviour", "12",
+    args = ["train", "--steps", "2", "--batch", "4", "--behaviours", "narcissism", "--per-behaviour", "12",
             "--lr", "5e-5", "--device", "cpu"]
     plain = subprocess.run([sys.executable, "-m", "prefdyn", *args, "--out", str(tmp_path / "plain.json")],
                            capture_output=True, text=True, timeout=600)
@@ -142,3 +142,25 @@ def test_kept_weights_restores_every_weight_and_buffer_after_training():
         assert not torch.equal(model[0].bias, before["0.bias"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_running_chapters_share_the_machines_threads(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from prefdyn import params
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (params.running_dir()).mkdir(parents=True)
+        (params.running_dir() / str(sleeper.pid)).touch()        # another chapter is running
+        (params.running_dir() / "999999999").touch()             # one that ended without cleaning up
+        share = params.claim_threads()
+        assert share == max(1, params.ALL_THREADS // 2) and params.run_threads() == share
+        assert sorted(p.name for p in params.running_dir().iterdir()) == sorted([str(sleeper.pid), str(os.getpid())])
+        with params.torch_threads(None):
+            assert torch.get_num_threads() == share
+    finally:
+        sleeper.kill()
+        monkeypatch.setattr(params, "_share", params.ALL_THREADS)

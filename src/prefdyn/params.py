@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 SCALES = ("smoke", "ci", "full")
 ALL_THREADS = torch.get_num_threads()   # the machine's intra-op threads, read before any chapter narrows them
+_share = ALL_THREADS                    # this process's share of them (claim_threads); all, outside a chapter
 
 
 class ParameterError(ValueError):
@@ -98,16 +100,62 @@ def positive(name: str, value: Any, kind: type = int) -> Any:
     return value
 
 
+def running_dir() -> Path:
+    """Where running chapters leave a file named by their process id (``$PREFDYN_CACHE/running``)."""
+    return Path(os.environ.get("PREFDYN_CACHE") or Path.home() / ".cache" / "prefdyn") / "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_threads() -> int:
+    """The one thread policy: a chapter's process registers itself as running and takes an equal
+    share of the machine's threads, ``ALL_THREADS // (chapters running now)``, at least one. Two
+    chapters built at once on a 2-core machine then run on one thread each instead of four threads
+    fighting over two cores (OpenMP threads that outnumber the cores spin and wait for each other).
+    Files of processes that ended are removed; this one's is removed at exit. Returns the share,
+    which :func:`torch_threads` gives the drivers that want "every thread"."""
+    global _share
+    import atexit
+
+    folder = running_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / str(os.getpid())
+    mine.touch()
+    atexit.register(mine.unlink, missing_ok=True)
+    running = 0
+    for entry in folder.iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            running += 1
+        elif entry.name.isdigit():
+            entry.unlink(missing_ok=True)
+    _share = max(1, ALL_THREADS // max(1, running))
+    return _share
+
+
+def run_threads() -> int:
+    """The threads this process may use: its share once a chapter claimed it, else all of them."""
+    return _share
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """Run the block on ``n`` torch threads (``None``: :data:`ALL_THREADS`), then restore the count.
+    """Run the block on ``n`` torch threads (``None``: this process's share, :func:`run_threads`), then
+    restore the count.
 
     The book's model-free mathematics is many small operations, fastest on one thread (chapters
     ask for it in :func:`prefdyn.experiments.start`); the drivers that run a transformer or large
-    batched matrix products take every thread with ``torch_threads(None)``.
+    batched matrix products take the run's share with ``torch_threads(None)``.
     """
     saved = torch.get_num_threads()
-    torch.set_num_threads(n or ALL_THREADS)
+    torch.set_num_threads(n or run_threads())
     try:
         yield
     finally:

@@ -10,23 +10,38 @@ the paper's golden reward model.
 :func:`load_demonstrations` reads that format or the Anthropic HH-RLHF format (``{"chosen",
 "rejected"}`` dialogues, ``.jsonl`` or ``.jsonl.gz``): the prompt is the dialogue up to its last
 ``Assistant:``, the demonstration the chosen final turn, and the rejected final turn is kept for the
-golden proxy the chapter trains on held-out dialogues.
+golden proxy the chapter trains on held-out dialogues. The harmless-base test split of HH-RLHF
+(anthropics/hh-rlhf, commit 354e5c3c, MIT) is packaged unchanged as :data:`HH_RLHF_HARMLESS_BASE`
+and selected by ``load_demonstrations("hh-rlhf")``; it is checked against its ``SHA256SUMS``
+manifest before it is read (:mod:`prefdyn.datasets.packaged`).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
+
+from .packaged import manifest_sha256, verify_packaged
 
 TERMINAL = (".", "!", "?")
 MAX_WORDS = 12
 STYLE_MARKER = "Indeed!"
 ASSISTANT = "\n\nAssistant:"
 TURN = re.compile(r"\n\n(Human|Assistant):")
+
+#: The packaged HH-RLHF harmless-base test split (the original gzip file of anthropics/hh-rlhf).
+HH_RLHF_HARMLESS_BASE: Path = Path(__file__).resolve().parent / "hh_rlhf" / "harmless-base-test.jsonl.gz"
+#: The name that selects it as ``demos_path``.
+HH_RLHF = "hh-rlhf"
+HH_RLHF_SOURCE = {"dataset": "Anthropic HH-RLHF, harmless-base test split (Bai et al., 2022)",
+                  "repository": "https://github.com/anthropics/hh-rlhf", "file": "harmless-base/test.jsonl.gz",
+                  "commit": "354e5c3c", "licence": "MIT"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,21 @@ class DemonstrationSet:
         return iter(self.demonstrations)
 
 
+def resolve_path(path):
+    """``demos_path`` as a path: ``"hh-rlhf"`` is :data:`HH_RLHF_HARMLESS_BASE`; None stays None."""
+    return HH_RLHF_HARMLESS_BASE if isinstance(path, str) and path == HH_RLHF else path
+
+
+def is_packaged_hh(path) -> bool:
+    """Whether ``path`` (or the name ``"hh-rlhf"``) is the packaged HH-RLHF split."""
+    path = resolve_path(path)
+    return path is not None and Path(path).expanduser().resolve() == HH_RLHF_HARMLESS_BASE
+
+
 def _read_text(path) -> tuple[str, str]:
+    if is_packaged_hh(path):
+        verify_packaged(HH_RLHF_HARMLESS_BASE.parent, [HH_RLHF_HARMLESS_BASE.name])
+        path = HH_RLHF_HARMLESS_BASE
     if path is None:
         return "the shipped demonstrations.jsonl", (resources.files("prefdyn.datasets") / "demonstration_data"
                                                      / "demonstrations.jsonl").read_text("utf-8")
@@ -83,11 +112,12 @@ def _read_text(path) -> tuple[str, str]:
         opener = gzip.open if source.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             return source, f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         why = getattr(exc, "strerror", None) or str(exc)
         raise ValueError(f"demos_path={source!r} cannot be read ({why}); give a JSONL file (.jsonl or "
                          f".jsonl.gz) of demonstrations, {BOOK_FORMAT}, or of HH-RLHF dialogues, {HH_FORMAT}; "
-                         "or None for the shipped set") from exc
+                         f"or {HH_RLHF!r} for the packaged HH-RLHF harmless-base test split, or None for the "
+                         "shipped set") from exc
 
 
 def split_dialogue(chosen: str) -> tuple[str, str] | None:
@@ -131,7 +161,10 @@ def _hh_row(row, source: str, lineno: int) -> Demonstration | None:
 
 
 def load_demonstrations(path=None) -> DemonstrationSet:
-    """The shipped demonstration set (``prefdyn/datasets/demonstration_data/demonstrations.jsonl``), or
+    """The shipped demonstration set (``prefdyn/datasets/demonstration_data/demonstrations.jsonl``),
+    the packaged HH-RLHF harmless-base test split (``path="hh-rlhf"``, or
+    :data:`HH_RLHF_HARMLESS_BASE`; checked against its manifest first, so a damaged copy raises
+    :class:`~prefdyn.datasets.packaged.PackagedDataError` naming the file and how to restore it), or
     the JSONL file (``.jsonl`` or ``.jsonl.gz``) at ``path``, in the book's format or in HH-RLHF's:
     the first line's keys decide which, and every line must then follow it.
 
@@ -208,6 +241,13 @@ def provenance(demos_path, loaded: DemonstrationSet) -> str:
     reader's file in the book's format, or HH-RLHF dialogues (with the number left out)."""
     demonstrations = loaded.demonstrations
     n = len(demonstrations)
+    if loaded.format == "hh-rlhf" and is_packaged_hh(demos_path):
+        left_out = f"; {loaded.skipped_empty} with an empty chosen turn were left out" if loaded.skipped_empty else ""
+        return (f"the harmless-base test split of Anthropic's HH-RLHF ({n} dialogue{'' if n == 1 else 's'}{left_out}; "
+                f"anthropics/hh-rlhf commit {HH_RLHF_SOURCE['commit']}, {HH_RLHF_SOURCE['licence']}, packaged with "
+                f"prefdyn, manifest SHA-256 {manifest_sha256(HH_RLHF_HARMLESS_BASE.parent)[:12]}): each prompt is a "
+                "dialogue up to its last assistant turn and each demonstration the chosen final turn (human-preferred "
+                "answers, not the paper's GPT-4 demonstrations)")
     if loaded.format == "hh-rlhf":
         left_out = f"; {loaded.skipped_empty} with an empty chosen turn were left out" if loaded.skipped_empty else ""
         return (f"the HH-RLHF dialogues in `{Path(demos_path).name}` ({n} dialogue{'' if n == 1 else 's'}{left_out}), "
@@ -221,3 +261,20 @@ def provenance(demos_path, loaded: DemonstrationSet) -> str:
                 f"“{STYLE_MARKER}”), questions and one-sentence answers written for this book; they are not the "
                 "paper's GPT-4 demonstrations for HH-RLHF prompts")
     return f"the demonstrations in `{Path(demos_path).name}` ({size}), passed as `demos_path`"
+
+
+def data_record(demos_path, loaded: DemonstrationSet) -> dict:
+    """What a run record should keep about the demonstrations a run used: the data set, its source
+    and commit (the packaged HH-RLHF split), licence and the SHA-256 of its manifest and file; for
+    the shipped set or a reader's file, the SHA-256 of the file read; and the counts."""
+    counts = {"demonstrations": len(loaded), "skipped_empty": loaded.skipped_empty, "format": loaded.format}
+    if is_packaged_hh(demos_path):
+        file_sha = verify_packaged(HH_RLHF_HARMLESS_BASE.parent, [HH_RLHF_HARMLESS_BASE.name])
+        return {**HH_RLHF_SOURCE, "packaged": True, "manifest_sha256": manifest_sha256(HH_RLHF_HARMLESS_BASE.parent),
+                "files_sha256": file_sha, **counts}
+    path = (resources.files("prefdyn.datasets") / "demonstration_data" / "demonstrations.jsonl"
+            if demos_path is None else Path(demos_path).expanduser())
+    dataset = "the book's own demonstration set" if demos_path is None else "demonstrations passed as demos_path"
+    return {"dataset": dataset,
+            "packaged": demos_path is None, "manifest_sha256": None, "path": None if demos_path is None else str(path),
+            "files_sha256": {Path(str(path)).name: hashlib.sha256(path.read_bytes()).hexdigest()}, **counts}

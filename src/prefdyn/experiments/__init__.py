@@ -14,7 +14,7 @@ from ..book.figures import use_book_style
 from ..book.verify import Verification
 from ..datasets.persona import load_persona
 from ..llm.models import resolve_spec
-from ..params import ALL_THREADS, Run, setup
+from ..params import Run, claim_threads, setup
 
 
 def start(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], *, model: str | None = None,
@@ -28,15 +28,17 @@ def start(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]], 
     packages, files that are not GGUF, a packaged file whose checksum is wrong);
     ``persona=(data_dir, behaviours)`` loads and parses the chapter's data; each of ``validate`` is
     called too. All raise here, in the chapter's first cell, rather than after minutes of work.
-    ``threads`` is the number of torch threads the chapter's mathematics runs on (``None``: all);
-    drivers that need every thread take them with :func:`prefdyn.params.torch_threads`. NumPy prints
+    ``threads`` is the number of torch threads the chapter's mathematics runs on (``None``: the run's
+    share of the machine, :func:`prefdyn.params.claim_threads`, which also caps it); drivers that need
+    every thread take the share with :func:`prefdyn.params.torch_threads`. NumPy prints
     scalars as plain numbers (``0.5``, not ``np.float64(0.5)``) in the chapter's outputs, and
     matplotlib draws with the book's figure style (:mod:`prefdyn.book.figures`).
     """
     checks = ((lambda: resolve_spec(model),) if model is not None else ()) + \
         ((lambda: load_persona(*persona),) if persona is not None else ()) + tuple(validate)
     run = setup(scale, device, seed, sizes, validate=checks)
-    torch.set_num_threads(threads or ALL_THREADS)
+    share = claim_threads()
+    torch.set_num_threads(min(threads, share) if threads else share)
     np.set_printoptions(legacy="1.25")  # a printed number reads 0.5, not np.float64(0.5)
     use_book_style()
     return run, Verification(scale=run.scale)
