@@ -478,3 +478,17 @@ def test_umap_coordinates_keep_separated_clusters_apart_and_are_reproducible():
     np.testing.assert_array_equal(ch02.umap_coordinates(features, seed=0), xy)
     with pytest.raises(ValueError, match="at least 4 statements"):
         ch02.umap_coordinates(features[:3], seed=0)
+
+
+def test_chapter_behaviours_are_im_and_lis_then_a_seeded_draw_of_the_set_and_never_look_at_results():
+    from prefdyn.datasets.persona import IM_LI_BEHAVIOURS, behaviour_split
+
+    split = behaviour_split()
+    chosen = ch02.chapter_behaviours(None, 20)
+    assert chosen[:8] == list(IM_LI_BEHAVIOURS) and len(set(chosen)) == 20 and set(chosen) <= set(split["development"])
+    assert ch02.chapter_behaviours(None, 20) == chosen                        # the same draw every time
+    assert ch02.chapter_behaviours(None, 25)[:20] == chosen                   # a larger run extends the list
+    assert sorted(ch02.chapter_behaviours(None, None)) == sorted(split["development"])
+    replication = ch02.chapter_behaviours("replication", 20)
+    assert len(replication) == 20 and set(replication) <= set(split["replication"])
+    assert ch02.chapter_behaviours(["a", "b"], 20) == ["a", "b"]

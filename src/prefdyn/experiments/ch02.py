@@ -175,6 +175,9 @@ AUTHORS_DIFFERENCES = (
     ("misalignment measure", "the flipped DPO loss on the training and the held-out statements (plots)",
      "the flipped loss on the flipped statements after the run", "as the book"),
     ("precision", "bfloat16 training on four GPUs", "float32 on the run's device", "as the book"),
+    ("pictured features (UMAP)", "the question and a new line, normalised twice, every statement "
+     "(`create_statement_emb_data.ipynb`)", "the chat template, up to the scale's number of statements",
+     "the question and a new line, normalised twice, up to the scale's number"),
     ("models", "Llama-2-7B, Mistral-7B", "the run's `model`", "the run's `model`"),
 )
 
@@ -344,7 +347,8 @@ def pairwise_priority(protocol: Protocol, features: Tensor, s: Tensor, behaviour
     for a, b in pairs:
         idx = torch.from_numpy(np.isin(behaviour, [a, b]))
         groups = behaviour[idx.numpy()].tolist()
-        run = protocol.train(features[idx], s[idx], beta=beta, lr=lr, steps=steps, seed=seed, groups=groups)
+        run = protocol.train(features[idx], s[idx], beta=beta, lr=lr, steps=steps, seed=seed, groups=groups,
+                             every=steps)
         loss = dict(zip(run.groups, run.loss[-1]))
         fo = dict(zip(run.groups, dyn.first_order_drops(features[idx], s[idx], groups, beta, lr, joint=True)))
         level.append(dyn.priority_level(delta[a], delta[b]))
