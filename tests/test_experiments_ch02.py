@@ -155,7 +155,7 @@ def test_misalign_behaviour_against_the_same_runs_scored_by_full_forward_passes(
         if label == "aligned":
             ch02.lora_dpo(fresh, align_pairs, **settings)                 # its reference: the model at the start
             after = ReferenceLogps.of(fresh, align_pairs)
-            torch.testing.assert_close(run.logps[("aligned", "align")].chosen, after.chosen.double(), atol=2e-4,
+            torch.testing.assert_close(run.logps[("aligned", "align")].chosen, after.chosen.float(), atol=2e-4,
                                        rtol=0)
         reference = ReferenceLogps.of(fresh, flipped)
         ch02.lora_dpo(fresh, flipped, reference=reference, **settings)

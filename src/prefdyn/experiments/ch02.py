@@ -154,8 +154,8 @@ AUTHORS_DIFFERENCES = (
     ("features", "the final hidden state normalised a second time by the final RMSNorm (eps 1e-5)",
      "after the model's one final norm: what its head reads", "normalised a second time by the model's own final norm"),
     ("statements", "all of each behaviour's file (about 1,000)", "all (scale `smoke`: a subsample)", "as the book"),
-    ("split", "per behaviour: Python's `random.seed(1234)`, `shuffle`, first 90% to train",
-     "a tenth of each behaviour and class held out, seeded by the run", "as the authors"),
+    ("split", "per behaviour: Python's `random.seed(1234)`, `shuffle`, first 90% to train (100 of 1,000 held out)",
+     "a tenth of each behaviour and class held out (about 100 statements), seeded by the run", "as the authors"),
     ("distinguishability", "all statements of the behaviour, features of a bfloat16 model "
      "(`embedding_properties.ipynb`)", "the training statements, float32", "all statements, float32"),
     ("last-layer batches", "a fresh random batch of 128 at every step (`next(iter(DataLoader(shuffle=True)))`)",
