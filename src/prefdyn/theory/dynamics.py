@@ -605,7 +605,7 @@ def _daniels_bound(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
     return max(-1.0, (3 * tau - 1) / 2)
 
 
-def least_spearman(x, lo, hi, max_states: int = 200000) -> float:
+def least_spearman(x, lo, hi, max_states: int = 50000) -> float:
     """The least Spearman correlation of ``x`` with values ``y_k`` that may lie anywhere in
     ``[lo_k, hi_k]``: exact (:func:`_least_rank_correlation`) where its search needs at most
     ``max_states`` states, else Daniels' bound ``(3 tau_min - 1)/2``, which is below it. A statistic
@@ -617,7 +617,7 @@ def least_spearman(x, lo, hi, max_states: int = 200000) -> float:
     return _daniels_bound(x, lo, hi) if least is None else least
 
 
-def least_spearman_lower_bound(x, lo, hi, seed: int, n_boot: int = 200, max_states: int = 20000) -> float:
+def least_spearman_lower_bound(x, lo, hi, seed: int, n_boot: int = 200, max_states: int = 3000) -> float:
     """The least value of :func:`prefdyn.stats.spearman_lower_bound` (``seed``, ``n_boot``: the same
     resamples of the units) when every ``y_k`` may lie anywhere in ``[lo_k, hi_k]``: the 2.5% quantile,
     over the resamples, of each resample's least Spearman correlation (a resample whose search needs
