@@ -405,8 +405,8 @@ NULL_KIND = {
 }
 
 
-def test_every_registered_prediction_has_a_null_world_test():
-    assert set(NULL_KIND) == set(REGISTRY.predictions)
+def test_every_registered_prediction_has_a_null_world_test_and_a_closing_sentence():
+    assert set(NULL_KIND) == set(REGISTRY.predictions) == set(ch02.FINDINGS)
     assert all(p.null_world for p in REGISTRY.predictions.values())
     assert all(p.control and p.independence for p in REGISTRY.predictions.values() if p.setting == "real model")
 
@@ -492,3 +492,14 @@ def test_chapter_behaviours_are_im_and_lis_then_a_seeded_draw_of_the_set_and_nev
     replication = ch02.chapter_behaviours("replication", 20)
     assert len(replication) == 20 and set(replication) <= set(split["replication"])
     assert ch02.chapter_behaviours(["a", "b"], 20) == ["a", "b"]
+
+
+def test_last_layer_drops_are_flipped_dpo_on_each_models_features():
+    g, s, behaviour = tiny_behaviours()
+    rows = behaviour == "b4"
+    feats = {("base", "held"): g[rows], ("aligned", "held"): 1.7 * g[rows] + 0.3}
+    m = ch02.BehaviourMisalignment("b4", feats, {"held": s[rows]}, {}, {}, [])
+    drops = m.last_layer_drops("held", beta=0.5, lr_fraction=0.375, steps=9)
+    for label in ("base", "aligned"):
+        run = ch02.flipped_dpo(feats[(label, "held")], s[rows], behaviour[rows], beta=0.5, lr_fraction=0.375, steps=9)
+        assert drops[label] == pytest.approx(run.drop[0], rel=1e-12)

@@ -266,6 +266,45 @@ class PairConcordanceWorld:
 stats.WORLDS[PairConcordanceWorld.kind] = PairConcordanceWorld
 
 
+#: The chapter's closing sentence for each registered prediction (:func:`findings`).
+FINDINGS = {
+    "synthetic-loss-order": "Synthetic sweep, loss drops after T steps ordered exactly by ‖Δ̂‖² "
+                            "(Spearman {observed}): {status}.",
+    "synthetic-weight-order": "Synthetic sweep, distances ‖W_T − W₀‖ ordered exactly by ‖Δ̂‖ "
+                              "(Spearman {observed}): {status}.",
+    "synthetic-pair-priority": "Synthetic pairs, the more distinguishable behaviour learned more in 20 joint "
+                               "steps (share {observed}): {status}.",
+    "speed-alone": "Real model, each behaviour alone: loss drops after T steps ordered by ‖Δ̂‖ "
+                   "(Spearman {observed}): {status}.",
+    "speed-alone-lower": "Each behaviour alone, the lower end of the bootstrap interval over behaviours of "
+                         "that ordering's Spearman correlation ({observed}): {status}.",
+    "speed-long": "Beyond first order, loss drops after 10T steps ordered by ‖Δ̂‖ (Spearman {observed}): {status}.",
+    "plugin-accuracy-order": "The plug-in accuracy ranks the held-out accuracies (Spearman {observed}): {status}.",
+    "heldout-accuracy-order": "Held-out accuracy gains ordered by ‖Δ̂‖ (Spearman {observed}): {status}.",
+    "priority-joint": "Trained jointly, loss drops after T steps ordered by ⟨Δ̄, Δ̂_k⟩ "
+                      "(Spearman {observed}): {status}.",
+    "priority-joint-lower": "Jointly, the lower end of the bootstrap interval over behaviours of the ordering by "
+                            "⟨Δ̄, Δ̂_k⟩ ({observed}): {status}.",
+    "priority-sign": "Jointly, a behaviour gets better iff ⟨Δ̄, Δ̂_k⟩ > 0 (share of signs {observed}): {status}.",
+    "priority-long": "Beyond first order, joint loss drops after 10T steps ordered by ⟨Δ̄, Δ̂_k⟩ "
+                     "(Spearman {observed}): {status}.",
+    "pair-priority-all": "Every pair trained jointly: the behaviour with the positive priority level learned "
+                         "more (share {observed}): {status}.",
+    "displacement-distinguishability": "Last layer: fewer pairs lose their chosen likelihood in more "
+                                       "distinguishable behaviours (Spearman {observed}): {status}.",
+    "misalign-faster-oos": "Out of sample, the LoRA-aligned model's last layer misaligns faster "
+                           "(share {observed}): {status}.",
+    "misalign-faster": "In-sample (favoured by construction), the LoRA-aligned model's last layer misaligns "
+                       "faster (share {observed}): {status}.",
+    "misalign-faster-lora": "The LoRA-aligned model misaligns faster under LoRA DPO toward the flipped labels "
+                            "(share {observed}): {status}.",
+    "displacement-ches-lora": "Within LoRA alignments, pairs with a higher C(x) lose more chosen likelihood "
+                              "(share of behaviours {observed}): {status}.",
+    "squeezing-lora": "LoRA alignments lower the chosen likelihood while the margin grows "
+                      "(share of behaviours {observed}): {status}.",
+}
+
+
 def findings(checks, sentences: dict[str, str]) -> str:
     """The chapter's closing list: one sentence per registered prediction (``sentences[id]``, written
     around ``{status}`` and ``{observed}``), the ones not reproduced and the inconclusive ones first,
@@ -495,6 +534,15 @@ class BehaviourMisalignment:
     def chosen_shift(self) -> Tensor:
         """``log pi_aligned(y_w|x) - log pi_base(y_w|x)`` of every alignment statement."""
         return self.logps[("aligned", "align")].chosen - self.logps[("base", "align")].chosen
+
+    def last_layer_drops(self, where: str, *, beta: float, lr_fraction: float, steps: int) -> dict[str, float]:
+        """Misalignment of each model's *last layer* on the statements ``where``: :func:`flipped_dpo` from
+        the base and from the aligned model's features, each at its own step ``lr_fraction`` times its
+        :func:`prefdyn.theory.dynamics.stable_step_bound`; ``{"base": drop, "aligned": drop}``."""
+        owner = np.array([self.behaviour] * len(self.s[where]))
+        return {label: float(flipped_dpo(self.features[(label, where)], self.s[where], owner, beta=beta,
+                                         lr_fraction=lr_fraction, steps=steps).drop[0])
+                for label in ("base", "aligned")}
 
     @property
     def margin_shift(self) -> Tensor:
