@@ -599,18 +599,18 @@ def test_no_flip_odds_from_the_log_odds_identity():
     assert not torch.any((lp[:, 1] > lp[:, 3]) & beyond)
 
 
-def test_stable_step_bound_is_four_over_L_and_descends_below_it():
-    """dyn.stable_step_bound: full-batch gradient descent on a last layer's DPO loss never rises for a step
+def test_descent_step_bound_is_four_over_L_and_descends_below_it():
+    """dyn.descent_step_bound: full-batch gradient descent on a last layer's DPO loss never rises for a step
     below 4/L, on features with a large shared mean (where L is largest)."""
     g = torch.Generator().manual_seed(2)
     G = torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.3 + torch.tensor([3.0, 0, 0, 0, 0, 0], dtype=torch.float64)
     s = torch.tensor([1] * 30 + [-1] * 10)
     beta = 0.7
     L = dyn.smoothness(G, beta)
-    assert dyn.stable_step_bound(L) == pytest.approx(4 / L)
+    assert dyn.descent_step_bound(L) == pytest.approx(4 / L)
     run = gen.gd_last_layer(G, torch.where(s == 1, 0, 1), torch.where(s == 1, 1, 0), vocab=2, beta=beta,
-                            lr=0.999 * dyn.stable_step_bound(L), steps=200)
+                            lr=0.999 * dyn.descent_step_bound(L), steps=200)
     losses = gen.loss_value("dpo", run.train).mean(1)
     assert torch.all(torch.diff(losses) <= 1e-12)
     with pytest.raises(ValueError, match="positive"):
-        dyn.stable_step_bound(0.0)
+        dyn.descent_step_bound(0.0)

@@ -46,7 +46,7 @@ def check_parameters(*, protocol: str, beta: float, lr_fraction: float, lr_full:
                      adam_beta: float, adam_lr: float) -> None:
     """The chapter's own parameters: ``protocol`` one of :data:`PROTOCOLS`; ``beta``, ``lr_full``,
     ``adam_beta`` and ``adam_lr`` positive; ``lr_fraction`` positive and below 2, because the step
-    ``lr_fraction * 2/L`` must stay below :func:`prefdyn.theory.dynamics.stable_step_bound`, ``4/L``;
+    ``lr_fraction * 2/L`` must stay below :func:`prefdyn.theory.dynamics.descent_step_bound`, ``4/L``;
     ``held_out`` a whole number of held-out statements per behaviour, at least 2 (one of each answer)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} must be one of {', '.join(map(repr, PROTOCOLS))}")
@@ -56,9 +56,9 @@ def check_parameters(*, protocol: str, beta: float, lr_fraction: float, lr_full:
     if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 2:
         raise ValueError(f"held_out={held_out!r} must be a whole number of held-out statements per behaviour, "
                          "at least 2")
-    if lr_fraction * 2 >= dyn.stable_step_bound(1.0):
+    if lr_fraction * 2 >= dyn.descent_step_bound(1.0):
         raise ValueError(f"lr_fraction={lr_fraction} must be below 2: the step lr_fraction·2/L must stay below the "
-                         "largest step that descends, 4/L (theory.dynamics.stable_step_bound)")
+                         "largest step that descends, 4/L (theory.dynamics.descent_step_bound)")
 
 
 def step_size(lr_fraction: float, L: float, loss: str = "dpo") -> float:
@@ -66,11 +66,11 @@ def step_size(lr_fraction: float, L: float, loss: str = "dpo") -> float:
     :func:`prefdyn.theory.dynamics.smoothness`: the logistic loss's curvature is at most 1/4), ``8 L`` for
     IPO (its curvature is 2, eight times 1/4) and ``L`` for SLiC (piecewise linear: no curvature bound;
     its step only sets how far a margin may pass the hinge). Below
-    :func:`prefdyn.theory.dynamics.stable_step_bound` of ``L_f`` whenever ``lr_fraction < 2``."""
+    :func:`prefdyn.theory.dynamics.descent_step_bound` of ``L_f`` whenever ``lr_fraction < 2``."""
     L_f = 8 * L if loss == "ipo" else L
     eta = lr_fraction * 2 / L_f
-    if eta >= dyn.stable_step_bound(L_f):
-        raise ValueError(f"lr_fraction={lr_fraction}: the step {eta:.3g} is not below 4/L = {dyn.stable_step_bound(L_f):.3g}")
+    if eta >= dyn.descent_step_bound(L_f):
+        raise ValueError(f"lr_fraction={lr_fraction}: the step {eta:.3g} is not below 4/L = {dyn.descent_step_bound(L_f):.3g}")
     return eta
 
 

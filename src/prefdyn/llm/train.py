@@ -205,7 +205,8 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
                       evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
                       bucket: int = 1, length_normalised: bool = False, progress: bool = True) -> list[dict]:
     """DPO or IPO on ``pairs`` with :func:`optimise`; one record per step (``loss``, ``train_margin``,
-    ``train_reward_accuracy``, and what ``evaluate`` returns).
+    ``train_reward_accuracy``, ``train_chosen_shift`` — the batch's mean ``log pi(y_w|x) - log pi_ref(y_w|x)``
+    before the step — and what ``evaluate`` returns).
 
     ``beta`` is DPO's β, or for ``loss="ipo"`` the inverse of IPO's τ (see :func:`preference_loss`).
     ``length_normalised`` scores each response by its mean token log-probability instead of its
@@ -232,7 +233,8 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
         ref = reference.chosen[index].to(device), reference.rejected[index].to(device)
         margins = objectives.reward_margins(chosen.detach(), rejected.detach(), *ref, scale)
         return ell(chosen, rejected, *ref), {"train_margin": margins,
-                                             "train_reward_accuracy": (margins > 0).to(torch.float64)}
+                                             "train_reward_accuracy": (margins > 0).to(torch.float64),
+                                             "train_chosen_shift": chosen.detach() - ref[0]}
 
     return optimise(policy.model, loss_fn, batch_indices(encoded.lengths, batch_size, seed, bucket), steps=steps,
                     lr=lr, evaluate=evaluate, eval_every=eval_every, progress=progress, desc=f"{loss} training")
@@ -307,11 +309,12 @@ def train_only_top_blocks(model: torch.nn.Module, n_blocks: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int):
+def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int, dropout: float = 0.0):
     """Freeze ``model`` and give its query and value projections LoRA adapters (Hu et al. 2021):
     each adapted weight becomes ``W + (alpha / r) B A`` with ``A`` (``r x d_in``) drawn from
     ``seed`` and ``B`` (``d_out x r``) zero, so the adapted model starts as the model itself, and only
-    ``A`` and ``B`` train. The configuration is :class:`peft.LoraConfig` (no dropout) with peft's
+    ``A`` and ``B`` train. The configuration is :class:`peft.LoraConfig` (``dropout`` on the adapters'
+    input while training, 0 by default; the authors' ``DPO_training.py`` uses 0.05) with peft's
     default targets for the model's architecture, its query and value projections (``q_proj`` and
     ``v_proj`` in Llama, Mistral and Gemma 3, as :meth:`~torch.nn.Module.named_modules` lists them).
 
@@ -324,9 +327,11 @@ def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int):
 
     if any(isinstance(x, bool) or not isinstance(x, kind) or x <= 0 for x, kind in ((r, int), (alpha, (int, float)))):
         raise ValueError(f"LoRA needs a positive integer rank r and a positive alpha (got r={r!r}, alpha={alpha!r})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
         torch.manual_seed(seed)                                       # the caller's generators stay as they were
         # peft asks transformers 5 for a renamed attribute; the deprecation note is not the reader's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0))
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout))
