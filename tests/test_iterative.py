@@ -38,7 +38,7 @@ def test_mrs_ipo_step_is_the_gd_minimiser_of_the_population_loss_with_mixed_refe
     alpha, beta, lam = 0.6, 1.7, 0.3
     ref = torch.log_softmax(alpha * log_pi + (1 - alpha) * log_ref, -1)
     mu = lam * log_pi.exp() + (1 - lam) * mu0
-    gd = tabular.minimise(lambda th: tabular.population_ipo_loss(th, ref, P, mu, 1 / beta), ref, steps=6000, lr=2.0)
+    gd = tabular.minimise(lambda th: tabular.population_ipo_loss(th, ref, P, mu, beta), ref, steps=6000, lr=2.0)
     step = it.mrs_ipo_step(log_pi, log_ref, mu0, P, alpha, beta, lam)
     assert (torch.log_softmax(gd, -1) - step).abs().max() < 1e-8
     # and it is the explicit formula softmax(alpha log pi + (1-alpha) log ref + beta P mu)
@@ -185,7 +185,7 @@ def test_entropy_total_variation_ranking_accuracy_by_hand():
 def test_logit_gaps_match_the_optimum():
     log_ref, P, mu, _ = random_world(seed=9)
     beta = 1.3
-    opt = tabular.ipo_optimum(log_ref, P, mu, 1 / beta)
+    opt = tabular.ipo_optimum(log_ref, P, mu, beta)
     assert torch.allclose(it.logit_gaps(log_ref, P, mu, beta), opt[:, None] - opt[None, :], atol=1e-12)
 
 
@@ -201,7 +201,7 @@ def test_pair_counts_and_table_loss_equal_an_explicit_loop():
     first = rng.random(len(s)) < P.numpy()[c[s], c[t]]
     lp = torch.log_softmax(torch.randn(2, 3, dtype=D), -1)
     ref = torch.randn(2, 3, dtype=D)
-    for loss, fn in (("ipo", lambda w, l: objectives.ipo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], tau=0.5)),
+    for loss, fn in (("ipo", lambda w, l: objectives.ipo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], beta=2.0)),
                      ("dpo", lambda w, l: objectives.dpo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], beta=2.0))):
         explicit = sum(fn(c[i], c[j]) if f else fn(c[j], c[i]) for i, j, f in zip(s, t, first)) / len(s_all)
         assert it.pair_table_loss(lp, ref, W, loss, 2.0).item() == pytest.approx(float(explicit), rel=1e-12)
@@ -473,7 +473,7 @@ def test_plugin_round_is_the_ipo_optimum_for_the_empirical_sampler_and_moves_eve
     log_ref, P, _, log_pi = random_world(seed=9)
     counts = torch.tensor([0.0, 5.0, 0.0, 3.0], dtype=D)
     step = it.plugin_round(log_pi, log_ref, counts, P, 1.3)
-    assert torch.allclose(step, tabular.ipo_optimum(log_ref, P, counts / 8, tau=1 / 1.3), atol=1e-12)
+    assert torch.allclose(step, tabular.ipo_optimum(log_ref, P, counts / 8, beta=1.3), atol=1e-12)
     # the same round of the sampled-loss minimiser leaves the unsampled responses' logits alone
     sampled = it.sampled_ipo_round(log_pi, log_ref, counts, P, 1.3)
     assert torch.allclose((sampled - log_pi)[0] - (sampled - log_pi)[2], torch.zeros((), dtype=D), atol=1e-12)

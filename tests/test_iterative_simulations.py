@@ -292,7 +292,7 @@ def test_gap_change_is_the_difference_of_optima_and_summation_by_parts_gives_it(
     P = sim.random_preferences(6, 4, g)
     mu, mu_new = (torch.softmax(torch.randn(6, 4, generator=g, dtype=D), -1) for _ in range(2))
     ref = torch.log_softmax(torch.randn(6, 4, generator=g, dtype=D), -1)
-    before, after = (tabular.ipo_optimum(ref, P, m, tau=1 / 1.7) for m in (mu, mu_new))
+    before, after = (tabular.ipo_optimum(ref, P, m, beta=1.7) for m in (mu, mu_new))
     direct = (after[..., :, None] - after[..., None, :]) - (before[..., :, None] - before[..., None, :])
     assert torch.allclose(sim.gap_change(P, mu, mu_new, 1.7), direct, atol=1e-12)
     assert torch.allclose(sim.tilt_differences(P, mu, mu_new, [2, 0, 3, 1], 1.7), direct, atol=1e-12)

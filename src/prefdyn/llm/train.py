@@ -142,18 +142,20 @@ class ReferenceLogps:
 
 def preference_loss(loss: str, beta: float) -> Callable[..., Tensor]:
     """``ell(policy_chosen, policy_rejected, reference_chosen, reference_rejected)`` of ``loss``:
-    :func:`prefdyn.objectives.dpo_loss` at ``beta``, or :func:`prefdyn.objectives.ipo_loss` at
-    ``tau = 1/beta`` (so the IPO target margin is ``1/(2 tau) = beta/2``)."""
+    :func:`prefdyn.objectives.dpo_loss` or :func:`prefdyn.objectives.ipo_loss` (target margin ``beta/2``)
+    at ``beta``, checked here, once, where it enters training."""
+    objectives.require_positive("beta", beta)
     if loss == "dpo":
         return lambda *logps: objectives.dpo_loss(*logps, beta=beta)
     if loss == "ipo":
-        return lambda *logps: objectives.ipo_loss(*logps, tau=1.0 / beta)
+        return lambda *logps: objectives.ipo_loss(*logps, beta=beta)
     raise ValueError(f"loss={loss!r} is not one of {PREFERENCE_LOSSES}")
 
 
 def implicit_margin_scale(loss: str, beta: float) -> float:
-    """The factor turning the log-ratio difference into the implicit reward margin: ``beta`` for DPO,
-    ``tau = 1/beta`` for IPO (whose optimum is ``pi_ref exp(r / tau)``, Azar et al. Sec. 5)."""
+    """The factor turning the log-ratio difference into the implicit reward margin: ``beta`` for DPO
+    (optimum ``pi_ref exp(r / beta)``), ``1/beta`` for IPO (optimum ``pi_ref exp(beta P mu)``, so the
+    reward it implies is the log-ratio over ``beta``)."""
     return beta if loss == "dpo" else 1.0 / beta
 
 

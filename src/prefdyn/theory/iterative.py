@@ -7,7 +7,7 @@ One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P
 ``P + P^T = 1`` (not necessarily Bradley–Terry), and the paper's notation ``beta = 1/tau`` for IPO.
 
 * One-shot IPO optimum (Azar et al. 2023): ``pi* = softmax(log pi_ref + beta P mu)``, i.e.
-  :func:`prefdyn.tabular.ipo_optimum` with ``tau = 1/beta``; the ranking desiderata: the Smith set
+  :func:`prefdyn.tabular.ipo_optimum` at ``beta``; the ranking desiderata: the Smith set
   (:func:`smith_set`) and the sampler that puts it on top (:func:`smith_sampler`, the chapter's
   prop-ch4-smith), the counterexample that defeats any fixed sampler
   (:func:`condorcet_counterexample`, prop-ch4-every-sampler), and the best order-keeping gap over
@@ -248,11 +248,11 @@ def _mixtures(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, alpha: float, lam
 def mrs_ipo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha, beta,
                  lam: float) -> Tensor:
     """One round of iterated IPO, (eq. MAP): the population IPO optimum
-    (:func:`prefdyn.tabular.ipo_optimum`, ``tau = 1/beta``) for the reference
+    (:func:`prefdyn.tabular.ipo_optimum` at ``beta``) for the reference
     ``∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler ``lam pi_t + (1-lam) mu0``. ``alpha`` and
     ``beta`` are numbers or tensors of shape ``(..., 1)``, one per policy of a batch ``(..., K)``."""
     ref, mu = _mixtures(log_pi, log_pi_ref, mu0, alpha, lam)
-    return tabular.ipo_optimum(ref, P, mu, tau=1.0 / beta)
+    return tabular.ipo_optimum(ref, P, mu, beta=beta)
 
 
 def minimise_newton(loss_fn: Callable[[Tensor], Tensor], logits0: Tensor, iters: int = 50,
@@ -302,7 +302,7 @@ def dpo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta, iters: int = 10
     ``P`` it is ``x = r + c`` whatever ``mu`` is. (Newton's method is invariant under the rescaling,
     so these are the iterates of Newton on the ``beta`` loss, times ``beta``.)
     """
-    objectives._require_positive("beta", beta)
+    objectives.require_positive("beta", beta)
     _check = torch.broadcast_shapes(log_pi_ref.shape, mu.shape)
     x = torch.zeros(_check, dtype=torch.float64)
     mu = mu.to(torch.float64).expand(_check)
@@ -728,13 +728,13 @@ def pair_counts(samples: Sequence[Sequence[int]], P: Tensor, rng: np.random.Gene
 
 def pair_table_loss(log_pi: Tensor, log_pi_ref: Tensor, W: Tensor, loss: str, beta: float) -> Tensor:
     """``sum_p sum_{w,l} W[p, w, l] * ell(w, l)``: the mean sampled IPO or DPO loss over the compared
-    pairs of every prompt, with ``ell`` from :mod:`prefdyn.objectives` (IPO with ``tau = 1/beta``).
+    pairs of every prompt, with ``ell`` from :mod:`prefdyn.objectives` (IPO's target margin ``beta/2``).
     ``log_pi`` and ``log_pi_ref`` are ``(prompts, K)`` candidate log-probabilities; any per-prompt
     normaliser cancels. The same function trains the model and, over free logits, gives the
     tabular prediction of the round."""
     args = (log_pi[..., :, None], log_pi[..., None, :], log_pi_ref[..., :, None], log_pi_ref[..., None, :])
     if loss == "ipo":
-        ell = objectives.ipo_loss(*args, tau=1.0 / beta)
+        ell = objectives.ipo_loss(*args, beta=beta)
     elif loss == "dpo":
         ell = objectives.dpo_loss(*args, beta=beta)
     else:

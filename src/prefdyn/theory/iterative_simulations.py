@@ -77,8 +77,8 @@ def condorcet_success(P: Tensor) -> tuple[float, float]:
     eta = 0.9 * margin / (1 + margin)
     mu_eta = (1 - eta)[:, None] * F.one_hot(torch.zeros(n, dtype=torch.long), K).to(D) + eta[:, None] / K
     uniform_ref = torch.full((n, K), -math.log(K), dtype=D)
-    top = tabular.ipo_optimum(uniform_ref, P, mu_eta, tau=1.0).argmax(-1)
-    uniform_top = tabular.ipo_optimum(uniform_ref, P, torch.full((n, K), 1 / K, dtype=D), tau=1.0).argmax(-1)
+    top = tabular.ipo_optimum(uniform_ref, P, mu_eta, beta=1.0).argmax(-1)
+    uniform_top = tabular.ipo_optimum(uniform_ref, P, torch.full((n, K), 1 / K, dtype=D), beta=1.0).argmax(-1)
     return (top == 0).double().mean().item(), (uniform_top == 0).double().mean().item()
 
 
@@ -97,8 +97,8 @@ def smith_success(P: Tensor) -> tuple[float, float, str]:
     ok, uniform_ok, sizes = [], [], {}
     for p in P:
         mu, S, _ = it.smith_sampler(p)
-        ok.append(on_top(tabular.ipo_optimum(uniform_ref, p, mu, tau=1.0), S))
-        uniform_ok.append(on_top(tabular.ipo_optimum(uniform_ref, p, uniform_ref.exp(), tau=1.0), S))
+        ok.append(on_top(tabular.ipo_optimum(uniform_ref, p, mu, beta=1.0), S))
+        uniform_ok.append(on_top(tabular.ipo_optimum(uniform_ref, p, uniform_ref.exp(), beta=1.0), S))
         sizes[len(S)] = sizes.get(len(S), 0) + 1
     return float(np.mean(ok)), float(np.mean(uniform_ok)), ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items()))
 
@@ -113,7 +113,7 @@ def fixed_sampler_failures(mus: Tensor, delta: float = 0.1) -> tuple[float, floa
     for mu in mus:
         P, c, b = it.condorcet_counterexample(mu, delta)
         K = len(mu)
-        log_pi = tabular.ipo_optimum(torch.full((K,), -math.log(K), dtype=D), P, mu, tau=1.0)
+        log_pi = tabular.ipo_optimum(torch.full((K,), -math.log(K), dtype=D), P, mu, beta=1.0)
         winner = all(bool(P[c, j] > 0.5) for j in range(K) if j != c)
         ok.append(winner and bool(log_pi[b] > log_pi[c]))
         gap = float((P @ mu)[b] - (P @ mu)[c])
@@ -284,8 +284,8 @@ def on_policy_entropy_change(P: Tensor, beta: float) -> Tensor:
     gives, against that optimum itself. Negative: sampling from the policy concentrated it."""
     n, K = P.shape[0], P.shape[-1]
     u = torch.full((n, K), 1.0 / K, dtype=P.dtype)
-    first = tabular.ipo_optimum(u.log(), P, u, tau=1.0 / beta)
-    return it.entropy(tabular.ipo_optimum(u.log(), P, first.exp(), tau=1.0 / beta)) - it.entropy(first)
+    first = tabular.ipo_optimum(u.log(), P, u, beta=beta)
+    return it.entropy(tabular.ipo_optimum(u.log(), P, first.exp(), beta=beta)) - it.entropy(first)
 
 
 def dpo_sampler_spread(P: Tensor, mus: Tensor, beta: float) -> Tensor:
