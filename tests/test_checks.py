@@ -382,7 +382,7 @@ def test_record_keeps_a_run_by_label_with_its_revision_and_refuses_a_dirty_one(t
     rec = json.loads(path.read_text())
     assert rec["git"] == "abc1234" and not rec["dirty"] and rec["data"] == "/data/persona-dev"
     assert [c["status"] for c in rec["checks"]] == ["pass", "reproduced"] and rec["reported"][0]["name"] == "acc"
-    finished_run(tmp_path / "gpu", git="abc1234+dirty", scale="full")
+    finished_run(tmp_path / "gpu", git="abc1234+dirty", scale="full", observed=0.95)
     with pytest.raises(runs.ChapterError, match="uncommitted changes.*--allow-dirty"):
         runs.record("cha", "full-gpu", tmp_path / "gpu")
     assert json.loads(runs.record("cha", "full-gpu", tmp_path / "gpu", "Some GPU", allow_dirty=True)
@@ -396,8 +396,17 @@ def test_record_keeps_a_run_by_label_with_its_revision_and_refuses_a_dirty_one(t
     live = json.loads((tmp_path / "book" / "_executed" / "cha.checks.json").read_text())
     table = runs_table(live, recorded)
     assert table.splitlines()[0] == "| row | this run | `ci-original` | `full-gpu` |"
-    assert "| x correlates with y | 0.9 (reproduced) | 0.9 (reproduced) | 0.9 (reproduced) |" in table
-    assert "| reported: acc | 0.75 | 0.75 | 0.75 |" in table and "Some GPU" in table
+    assert "| x correlates with y | 0.9 (reproduced) | 0.9 (reproduced) | 0.95 (reproduced) |" in table
+    assert "reported: acc" not in table and "2 rows on which every run agrees are not shown" in table
+    assert "Some GPU" in table and "rerun: `prefdyn reproduce cha full-gpu`" in table
+    # a recorded run made with the live run's parameters is held to it: moved values are marked
+    same = {"scale": "ci", "data_dir": "/data/persona-dev", "model": "smollm2-135m"}
+    drift = runs_table({**live, "chapter": "cha"}, recorded, parameters={**same, "device": "cuda"})
+    assert "`ci-original` was made with this run's parameters: every value is reproduced" in drift
+    moved = json.loads(json.dumps(live))
+    moved["reported"][0]["value"] = 0.8
+    drift = runs_table(moved, recorded, parameters=same)
+    assert "| reported: acc | 0.8 | 0.75 *drift* | 0.75 |" in drift and "1 of its values are not reproduced" in drift
 
 
 def test_a_legacy_record_reads_as_unclassified_checks(tmp_path, monkeypatch):
@@ -453,7 +462,9 @@ def test_results_of_an_earlier_registration_are_superseded_and_implied_ones_do_n
     assert any(s.startswith("implied by a checked identity") and "`live`" in s for s in row["standing"])
     assert any(s.startswith("superseded") and "`rho` v1 in `ci-v1` (reproduced)" in s for s in row["standing"])
     assert "implied by an identity" in row["short"] and row["models"] == "unrecorded model: implied (live)"
-    assert "- **reproduced on a real LLM**: none" in ledger.recorded_headline()
+    headline = ledger.recorded_headline()
+    assert "| [`c`](claim-c) | implied by an identity |" not in headline      # the live run is not recorded
+    assert "No real-model run of the current registrations is recorded yet." in headline
 
 
 def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path, monkeypatch):
@@ -466,7 +477,9 @@ def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path
     (row,) = ledger.ledger_rows()
     assert row["models"] == ("smollm2-135m: reproduced (live); "
                              "gemma3-270m: not reproduced (ci-gemma), reproduced (ci-gemma-2)")
-    assert "| smollm2-135m: reproduced (live); gemma3-270m: not reproduced (ci-gemma)" in ledger.ledger_markdown()
+    text = ledger.ledger_markdown()
+    assert "smollm2-135m, `live`: {term}`reproduced <reproduced>`" in text
+    assert "gemma3-270m, `ci-gemma`: {term}`not reproduced <not reproduced>`" in text
     book(tmp_path / "x", monkeypatch, predictions={"rho": {**PREDICTION, "setting": "simulation"}})
     finished_run(tmp_path / "x" / "book" / "_executed", observed=0.9, n=30)
     (row,) = ledger.ledger_rows()
@@ -531,5 +544,5 @@ def test_the_readme_headline_is_the_ledgers_and_says_what_is_not_reproduced(monk
     monkeypatch.setenv("PREFDYN_ROOT", str(REPO))
     text = (REPO / "README.md").read_text()
     block = text.split(ledger.README_START)[1].split(ledger.README_END)[0].strip()
-    assert block == ledger.recorded_headline(), "README.md is out of step with the ledger: run `prefdyn readme`"
-    assert "not reproduced on a real LLM" in block and text.index(ledger.README_START) < 2500
+    assert block == ledger.recorded_headline(compact=True), "README.md is out of step with the ledger: run `prefdyn readme`"
+    assert "Not reproduced on a real LLM, with the control" in block and text.index(ledger.README_START) < 2500

@@ -372,3 +372,23 @@ def test_bad_demonstration_files_name_the_file_line_and_format(tmp_path):
             load_demonstrations(tmp_path / name)
     (tmp_path / "ok.jsonl").write_text(good + "\n")
     assert load_demonstrations(tmp_path / "ok.jsonl").demonstrations[0].answers == ("Paris",)
+
+
+def test_kl_expected_reward_and_leashed_optimum_against_direct_sums():
+    gen = torch.Generator().manual_seed(11)
+    log_q = torch.log_softmax(torch.randn(7, generator=gen, dtype=torch.float64), 0)
+    log_p = torch.log_softmax(torch.randn(7, generator=gen, dtype=torch.float64), 0)
+    r = torch.randn(7, generator=gen, dtype=torch.float64)
+    q, p = log_q.exp().numpy(), log_p.exp().numpy()
+    assert afd.kl_divergence(log_q, log_p) == pytest.approx(float(np.sum(q * np.log(q / p))), abs=1e-12)
+    assert afd.kl_divergence(log_q, log_q) == pytest.approx(0.0, abs=1e-14)
+    assert afd.expected_reward(log_q, r) == pytest.approx(float(np.sum(q * r.numpy())), abs=1e-12)
+    # q_lambda ∝ pi exp(lambda r), and it maximises J(q) - KL(q || pi)/lambda: no random q does better
+    lam = 2.5
+    lq = afd.leashed_optimum(log_p, r, lam)
+    direct = p * np.exp(lam * r.numpy())
+    np.testing.assert_allclose(lq.exp().numpy(), direct / direct.sum(), atol=1e-12)
+    value = lambda lg: afd.expected_reward(lg, r) - afd.kl_divergence(lg, log_p) / lam
+    for _ in range(20):
+        other = torch.log_softmax(torch.randn(7, generator=gen, dtype=torch.float64), 0)
+        assert value(other) <= value(lq) + 1e-12

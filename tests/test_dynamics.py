@@ -335,3 +335,149 @@ def test_fresh_batches_are_the_authors_sgd_on_the_whole_softmax_head_and_held_ou
         acc = (lp[rows, chosen[test]] > lp[rows, rejected[test]]).double().mean().item()
         assert held.policy_accuracy[t, 0] == pytest.approx(acc, abs=1e-12)
     assert held.loss[-1, 0] != held.loss[0, 0]
+
+
+def test_stable_step_bound_is_four_over_L_and_descent_holds_below_it_in_every_group():
+    """4/L of the largest group's smoothness: below it every group alone and all jointly descend and the
+    gradient norm never grows (co-coercivity), so every step's drop is at most the first step's
+    first-order drop; at twice the bound the same features rise."""
+    feats, s, groups = dyn.synthetic_behaviours([0.5, 1.5], n_per_class=20, d=5, common=4.0, seed=31)
+    feats, s, groups = feats[:-14], s[:-14], groups[:-14]          # unbalanced: the gradient has a part along c
+    beta = 0.7
+    bound = dyn.stable_step_bound(feats, beta, groups)
+    assert bound == pytest.approx(4 / dyn.smoothness(feats, beta, groups), rel=1e-12)
+    g = np.array(groups)
+    for rows in [g == 0, g == 1, np.ones_like(g, bool)]:
+        f, sg = feats[torch.from_numpy(rows)], s[torch.from_numpy(rows)]
+        run = dyn.last_layer_dpo(f, sg, beta=beta, lr=0.97 * bound, steps=60)
+        assert np.all(np.diff(run.loss[:, 0]) <= 1e-12)
+        grads = [torch.autograd.functional.jacobian(lambda w: dyn.dpo_losses(w, f, sg, beta).mean(), v).norm().item()
+                 for v in run.v]
+        assert np.all(np.diff(grads) <= 1e-12)
+        d1 = dyn.first_order_drops(f, sg, [0] * len(sg), beta, 0.97 * bound)[0]
+        drops = run.loss[0, 0] - run.loss[1:, 0]
+        assert np.all(drops <= np.arange(1, 61) * d1 + 1e-12)          # R1(5): the first-order ratio <= 1
+    assert np.any(np.diff(dyn.last_layer_dpo(feats, s, beta=beta, lr=2 * bound, steps=60).loss[:, 0]) > 0)
+
+
+def test_first_order_drops_alone_and_joint_against_the_step_one_identities():
+    feats, s, groups = dyn.synthetic_behaviours([0.4, 1.2, 2.5], n_per_class=30, d=6, common=2.0, seed=32)
+    beta, lr = 0.4, 1e-4
+    alone = dyn.first_order_drops(feats, s, groups, beta, lr)
+    joint = dyn.first_order_drops(feats, s, groups, beta, lr, joint=True)
+    gains = dyn.joint_first_step_gains(feats, s, groups, beta, lr)
+    g = np.array(groups)
+    for k in range(3):
+        m2 = dyn.signed_mean(feats[g == k], s[g == k]).pow(2).sum().item()
+        assert alone[k] == pytest.approx(dyn.first_order_loss_drop(m2, beta, lr), rel=1e-12)
+        assert joint[k] == pytest.approx(gains[k] / 2, rel=1e-12)
+        # a small step: the exact drops are the first-order ones
+        one = dyn.last_layer_dpo(feats[g == k], s[g == k], beta=beta, lr=lr, steps=1)
+        assert one.loss[0, 0] - one.loss[1, 0] == pytest.approx(alone[k], rel=1e-3)
+    both = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=1, groups=groups)
+    np.testing.assert_allclose(both.loss[0] - both.loss[1], joint, rtol=1e-3)
+
+
+def test_first_order_intervals_contain_the_drops_and_free_the_unclear_units():
+    D1 = np.array([1.0, 2.0, -0.5, 0.01])
+    drops = np.array([0.8, 1.9, -0.3, 0.5])
+    lo, hi, (a, b) = dyn.first_order_intervals(D1, drops, steps=1)
+    assert (a, b) == (0.6, 0.95)
+    assert np.all((lo[:3] <= drops[:3] + 1e-12) & (drops[:3] <= hi[:3] + 1e-12))
+    np.testing.assert_allclose(lo[:3], [0.6, 1.2, -0.475])
+    np.testing.assert_allclose(hi[:3], [0.95, 1.9, -0.3])
+    assert lo[3] == -np.inf and hi[3] == np.inf                       # |D1| below a tenth of the largest
+    with pytest.raises(ValueError):
+        dyn.first_order_intervals(D1, drops[:3], steps=1)
+
+
+def _feasible_orders(lo, hi):
+    """Brute force: every permutation whose values can be chosen increasing inside the intervals."""
+    import itertools
+
+    for perm in itertools.permutations(range(len(lo))):
+        prev, y = -np.inf, np.empty(len(lo))
+        for e in perm:
+            y[e] = max(prev + 1e-9, lo[e])
+            if y[e] > hi[e]:
+                break
+            prev = y[e]
+        else:
+            yield y
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_least_spearman_is_the_minimum_over_every_feasible_order_and_daniels_is_below_it(seed):
+    from prefdyn.stats import spearman
+
+    rng = np.random.default_rng(seed)
+    n = 6
+    x = rng.normal(size=n)
+    centre = 2 * x + rng.normal(size=n)
+    width = rng.uniform(0, 1.5, size=n)
+    lo, hi = centre - width, centre + width
+    brute = min(spearman(x, y) for y in _feasible_orders(lo, hi))
+    assert dyn.least_spearman(x, lo, hi) == pytest.approx(brute, abs=1e-12)
+    assert dyn._daniels_bound(x, lo, hi) <= brute + 1e-12
+    assert dyn.least_spearman(x, lo, hi, max_states=1) == pytest.approx(dyn._daniels_bound(x, lo, hi))
+    # point intervals: the statistic itself
+    assert dyn.least_spearman(x, centre, centre) == pytest.approx(spearman(x, centre), abs=1e-12)
+
+
+def test_least_spearman_lower_bound_is_below_the_statistic_for_any_values_in_the_intervals():
+    from prefdyn.stats import spearman_lower_bound
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=9)
+    centre = 3 * x + rng.normal(size=9)
+    lo, hi = centre - 0.4, centre + 0.4
+    least = dyn.least_spearman_lower_bound(x, lo, hi, seed=5)
+    for _ in range(10):
+        assert spearman_lower_bound(x, rng.uniform(lo, hi), seed=5) >= least - 1e-12
+    assert dyn.least_spearman_lower_bound(x, centre, centre, seed=5) == pytest.approx(
+        spearman_lower_bound(x, centre, seed=5), abs=1e-12)
+    wide = dyn.least_spearman_lower_bound(x, centre - 100, centre + 100, seed=5)
+    assert wide < 0 < least
+
+
+def test_forced_shares_of_signs_and_pairs():
+    lo, hi = np.array([0.1, -1.0, -2.0, 0.5]), np.array([0.3, 1.0, -1.0, 0.9])
+    assert dyn.forced_sign_share(lo, hi, [1, 1, -1, -1]) == pytest.approx(0.5)     # units 0 and 2
+    assert dyn.forced_pair_share(lo[:2], hi[:2], lo[2:], hi[2:], [1, 1]) == pytest.approx(0.5)
+    assert dyn.forced_pair_share([0.5], [0.9], [0.1], [0.6], [1]) == 0.0          # overlapping: not forced
+
+
+def test_displacement_score_is_the_pairwise_sum_and_decides_step_one_displacement_exactly():
+    feats, s, W0 = small_world(n=30, d=6, V=9, seed=33)
+    beta, lr = 0.6, 2.0
+    C = dyn.displacement_score(feats, s)
+    brute = torch.stack([sum(-s[i] * s[j] * feats[i] @ feats[j] for j in range(len(s))) / len(s)
+                         for i in range(len(s))]).double()
+    assert torch.allclose(C, brute, atol=1e-12)
+    one = dyn.last_layer_dpo(feats, s, beta=beta, lr=lr, steps=1)
+    assert torch.allclose(dyn.margins(one.v[1], feats, s, beta), -lr * beta**2 * C, atol=1e-12)
+    w0, l0 = dyn.answer_logps(W0, feats, one.v[0], YES, NO)
+    w1, l1 = dyn.answer_logps(W0, feats, one.v[1], YES, NO)
+    chosen0, chosen1 = torch.where(s == 1, w0, l0), torch.where(s == 1, w1, l1)
+    assert torch.equal(chosen1 < chosen0, C > 0) and (C > 0).any() and (C < 0).any()
+
+
+def test_answer_logps_is_the_explicit_softmax_and_the_chosen_answer_moves_with_the_margin():
+    feats, s, W0 = small_world(n=24, d=5, V=11, seed=34)
+    u = u_vector(11)
+    for seed in range(5):
+        v = torch.randn(5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+        w, l = dyn.answer_logps(W0, feats, v, YES, NO)
+        lp = torch.log_softmax(feats @ (W0 + torch.outer(u, v)).T, -1)
+        assert torch.allclose(w, lp[:, YES], atol=1e-12) and torch.allclose(l, lp[:, NO], atol=1e-12)
+        w0, l0 = dyn.answer_logps(W0, feats, torch.zeros(5, dtype=torch.float64), YES, NO)
+        fell = torch.where(s == 1, w, l) < torch.where(s == 1, w0, l0)
+        assert torch.equal(fell, dyn.margins(v, feats, s, 0.5) < 0)   # no squeezing in the last layer
+
+
+def test_last_layer_dpo_every_keeps_the_same_iterates():
+    feats, s, _ = small_world(seed=35)
+    full = dyn.last_layer_dpo(feats, s, beta=0.5, lr=0.7, steps=10)
+    thin = dyn.last_layer_dpo(feats, s, beta=0.5, lr=0.7, steps=10, every=4)
+    assert torch.equal(thin.v, full.v[[0, 4, 8, 10]])
+    np.testing.assert_array_equal(thin.loss[:, 0], full.loss[[0, 4, 8, 10], 0])

@@ -41,13 +41,13 @@ def test_preference_overlap_equals_one_hot_inner_products():
     assert set(torch.unique(Y @ Y.T).tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0}
 
 
-def test_gd_dpo_margins_match_autograd_explicit_softmax():
-    """Margins of gd_dpo equal beta*(log-ratio differences) of autograd GD on a full softmax head."""
+def test_gd_last_layer_margins_match_autograd_explicit_softmax():
+    """Margins of gd_last_layer equal beta*(log-ratio differences) of autograd GD on a full softmax head."""
     data = small(K=2, Q=6, d=5)
     beta, lr, steps = 0.8, 0.7, 5
     W0 = torch.randn(data.vocab, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     Ws = dyn.explicit_softmax_dpo(W0, data.features, data.chosen, data.rejected, beta=beta, lr=lr, steps=steps)
-    run = gen.gd_dpo(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=lr, steps=steps,
+    run = gen.gd_last_layer(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=lr, steps=steps,
                      keep_weights=True)
     rows = torch.arange(len(data.features))
     ref = torch.log_softmax(data.features @ W0.T, -1)
@@ -79,7 +79,7 @@ def test_pair_blocks_margins_and_sums_by_brute_force():
 def test_kernel_recursion_equals_weight_space_gd_on_train_and_test():
     data, test = small(K=3, Q=7, d=9, v=0.3, seed=1), small(K=3, Q=4, d=9, v=0.3, seed=2)
     beta, lr, steps = 1.3, 2.0, 12
-    run = gen.gd_dpo(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=lr, steps=steps,
+    run = gen.gd_last_layer(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=lr, steps=steps,
                      tests=[(test.features, test.chosen, test.rejected)])
     C = gen.margin_kernel(data.features, data.chosen, data.rejected, data.features, data.chosen, data.rejected)
     X = gen.margin_kernel(test.features, test.chosen, test.rejected, data.features, data.chosen, data.rejected)
@@ -112,7 +112,7 @@ def test_idealized_margin_solves_its_ode_and_matches_noiseless_gd():
     assert np.allclose(drdt[1:-1], a / (1 + np.exp(r[1:-1])), rtol=1e-3)
     data = small(K=K, Q=3, d=7, v=0.0, l_b=0.37)
     steps = 2000
-    run = gen.gd_dpo(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=10 / steps, steps=steps)
+    run = gen.gd_last_layer(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=10 / steps, steps=steps)
     assert torch.allclose(run.train[-1], torch.full_like(run.train[-1], float(r[-1])), atol=5e-3)
 
 
@@ -178,7 +178,7 @@ def test_cluster_bound_is_a_union_of_gaussian_tails_and_dominates_monte_carlo():
 
 def test_exact_risk_matches_monte_carlo():
     data = small(K=2, Q=10, d=6, v=0.6)
-    run = gen.gd_dpo(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=1.0, lr=0.5, steps=10)
+    run = gen.gd_last_layer(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=1.0, lr=0.5, steps=10)
     dW = run.delta_W[-1]
     exact = gen.exact_risk(dW, data, 1.0)
     test = gen.cluster_data(2, 40000, 6, 0.6, 0.5, seed=9)
@@ -347,23 +347,30 @@ def test_adam_last_layer_matches_torch_adam_on_an_explicit_softmax_head():
 
 
 def test_gaussian_fit_by_brute_force_and_for_isotropic_clusters():
+    """The authors' normalisation: every feature divided by the root of the mean squared norm over all
+    groups together (persona_structure.ipynb's trace(X X^T)/n), then per group the covariance's Frobenius
+    norm (1/n) and the mean squared distance to the group mean, averaged over groups."""
     g = torch.Generator().manual_seed(3)
     X = torch.randn(30, 4, generator=g, dtype=torch.float64) + 2.0
+    X[12:] *= 3.0                                           # groups of different scales: one common factor
     groups = ["a"] * 12 + ["b"] * 18
+    scale = math.sqrt(np.trace(X.numpy() @ X.numpy().T) / 30)
     fro, dist = [], []
     for idx in (slice(0, 12), slice(12, 30)):
-        x = X[idx].numpy()
-        x = x / np.mean(np.linalg.norm(x, axis=1))
+        x = X[idx].numpy() / scale
         cov = np.cov(x.T, bias=True)
         fro.append(np.sqrt((cov**2).sum()))
         dist.append(np.mean([np.sum((row - x.mean(0)) ** 2) for row in x]))
     assert gen.gaussian_fit(X, groups) == pytest.approx((np.mean(fro), np.mean(dist)), rel=1e-12)
     # N(mu, s^2 I) in d dimensions with ||mu|| = 1 and s small: ||Sigma||_F ~ s^2 sqrt(d), E||x - mu||^2 ~ d s^2
+    # (the mean squared norm is 1 + d s^2, so the features shrink by that factor)
     d, sd = 50, 0.02
     Y = torch.randn(20000, d, generator=g, dtype=torch.float64) * sd
     Y[:, 0] += 1.0
     fro1, dist1 = gen.gaussian_fit(Y, ["x"] * len(Y))
-    assert dist1 == pytest.approx(d * sd**2, rel=0.03) and fro1 == pytest.approx(sd**2 * math.sqrt(d), rel=0.05)
+    shrink = 1 + d * sd**2
+    assert dist1 == pytest.approx(d * sd**2 / shrink, rel=0.03)
+    assert fro1 == pytest.approx(sd**2 * math.sqrt(d) / shrink, rel=0.05)
 
 
 def test_group_cosines_by_double_loop():
@@ -411,3 +418,199 @@ def test_chunked_rates_and_deviation_match_direct_computation():
     mu = data.means[data.cluster]
     D = G @ G.T - mu @ mu.T - 10 * 0.3**2 * torch.eye(len(G), dtype=torch.float64)
     assert gen.inner_product_deviation(data, chunk=4) == pytest.approx(D.abs().max().item(), rel=1e-12)
+
+
+# --- The paper's Section 7 losses, Appendix C, the no-flip threshold and K-dilution -----------------------
+
+@pytest.mark.parametrize("loss", gen.LOSSES)
+def test_loss_weight_is_minus_the_derivative_of_the_loss(loss):
+    r = torch.linspace(-2.0, 3.0, 101, dtype=torch.float64)
+    r = r[(r - 1).abs() > 1e-9].requires_grad_(True)            # SLiC: away from the hinge
+    (grad,) = torch.autograd.grad(gen.loss_value(loss, r).sum(), r)
+    assert torch.allclose(gen.loss_weight(loss, r.detach()), -grad, atol=1e-14)
+    assert gen.loss_value("slic", torch.tensor([0.0, 1.0, 2.0])).tolist() == [1.0, 0.0, 0.0]
+    assert gen.loss_weight("slic", torch.tensor([1.0])).item() == 0.0      # the subgradient at the hinge
+    with pytest.raises(ValueError, match="loss"):
+        gen.loss_weight("kto", r)
+
+
+@pytest.mark.parametrize("loss", gen.LOSSES)
+def test_gd_last_layer_for_each_loss_matches_autograd_and_the_kernel_recursion(loss):
+    """Autograd gradient descent on the whole head with the loss written from log-softmaxes; Lemma 4.1
+    with -f' in place of sigma(-r) (the paper's Section 7) on training and unseen samples."""
+    data, test = small(K=3, Q=6, d=7, v=0.3, shared=True, seed=1), small(K=3, Q=4, d=7, v=0.3, shared=True, seed=2)
+    beta, lr, steps = 0.9, 0.4, 15
+    W0 = torch.randn(data.vocab, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = W0.clone().requires_grad_(True)
+    rows = torch.arange(len(data.features))
+    ref = torch.log_softmax(data.features @ W0.T, -1)
+    run = gen.gd_last_layer(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=lr, steps=steps,
+                            loss=loss, tests=[(test.features, test.chosen, test.rejected)])
+    for t in range(steps + 1):
+        lp = torch.log_softmax(data.features @ W.T, -1) - ref
+        r = beta * (lp[rows, data.chosen] - lp[rows, data.rejected])
+        assert torch.allclose(run.train[t], r.detach(), atol=1e-11)
+        (grad,) = torch.autograd.grad(gen.loss_value(loss, r).mean(), W)
+        with torch.no_grad():
+            W -= lr * grad
+    C = gen.margin_kernel(data.features, data.chosen, data.rejected, data.features, data.chosen, data.rejected)
+    X = gen.margin_kernel(test.features, test.chosen, test.rejected, data.features, data.chosen, data.rejected)
+    k, (kt,) = gen.kernel_recursion(C, beta, lr, steps, cross=[X], loss=loss)
+    assert torch.allclose(k, run.train, atol=1e-12) and torch.allclose(kt, run.tests[0], atol=1e-12)
+
+
+def test_ipo_margins_in_closed_form_against_the_recursion_and_the_flow():
+    from scipy.linalg import expm
+
+    data, test = small(K=2, Q=5, d=6, v=0.3, shared=True, seed=3), small(K=2, Q=3, d=6, v=0.3, shared=True, seed=4)
+    C = gen.margin_kernel(data.features, data.chosen, data.rejected, data.features, data.chosen, data.rejected)
+    X = gen.margin_kernel(test.features, test.chosen, test.rejected, data.features, data.chosen, data.rejected)
+    beta, lr, steps = 0.7, 0.3, 40
+    r, (rt,) = gen.ipo_margins(C, beta, lr, steps, cross=[X])
+    k, (kt,) = gen.kernel_recursion(C, beta, lr, steps, cross=[X], loss="ipo")
+    assert torch.allclose(r, k, atol=1e-12) and torch.allclose(rt, kt, atol=1e-12)
+    # the flow tau dr/dt = (2 beta^2/N) C (1 - r): r(t) = (I - exp(-A t)) 1, by scipy's matrix exponential
+    A = 2 * beta**2 * C.numpy() / len(C)
+    flow = gen.gradient_flow_margins(C, beta, [0.5, 2.0], loss="ipo")
+    for i, t in enumerate((0.5, 2.0)):
+        assert np.allclose(flow[i], (np.eye(len(C)) - expm(-A * t)) @ np.ones(len(C)), atol=1e-8)
+    with pytest.raises(ValueError, match="flow"):
+        gen.gradient_flow_margins(C, beta, [1.0], loss="slic")
+
+
+@pytest.mark.parametrize("loss", gen.LOSSES)
+def test_idealized_margin_of_each_loss_solves_its_ode_and_matches_noiseless_gd(loss):
+    K, beta = 3, 1.2
+    a = 2 * beta**2 / K
+    t = np.linspace(0, 2.5, 501)
+    r = gen.idealized_margin(t, K, beta, loss=loss)
+    w = {"dpo": lambda x: 1 / (1 + np.exp(x)), "ipo": lambda x: 2 * (1 - x), "slic": lambda x: (x < 1) * 1.0}[loss]
+    assert r[0] == pytest.approx(0, abs=1e-14)
+    inside = (r[2:] < 1 - 1e-9) | (loss != "slic")            # central differences away from the hinge
+    assert np.allclose(np.gradient(r, t)[1:-1][inside], (a * w(r[1:-1]))[inside], rtol=2e-3, atol=1e-9)
+    data = small(K=K, Q=3, d=6, v=0.0, l_b=0.3)
+    steps = 2500
+    run = gen.gd_last_layer(data.features, data.chosen, data.rejected, vocab=data.vocab, beta=beta, lr=2.5 / steps,
+                            steps=steps, loss=loss)
+    assert torch.allclose(run.train[-1], torch.full_like(run.train[-1], float(r[-1])), atol=5e-3)
+
+
+@pytest.mark.parametrize("loss", gen.LOSSES)
+def test_theorem_rates_of_each_loss(loss):
+    r_max, q_lo, q_hi = gen.WEIGHT_RANGES[loss]
+    rL, rU, horizon = gen.theorem_rates(5, 0.4, tau=2.0, loss=loss)
+    assert rU * horizon == pytest.approx(r_max) and rL / rU == pytest.approx(q_lo / (20 * q_hi))
+    assert q_hi <= 2 * q_lo                                  # what the extension needs
+    w = gen.loss_weight(loss, torch.linspace(0, r_max * (1 - 1e-9), 1001, dtype=torch.float64))
+    assert w.min().item() == pytest.approx(q_lo, abs=1e-6) and w.max().item() == pytest.approx(q_hi, abs=1e-12)
+    if loss == "dpo":   # the paper's Theorem 4.2
+        assert rL == pytest.approx(0.4**2 / (8 * 5 * 2.0)) and horizon == pytest.approx(5 * 2.0 * math.log(3) / (5 * 0.4**2))
+
+
+@pytest.mark.parametrize("weights", [(0.25, 0.5), (1.0, 2.0), (1.0, 1.0)])
+def test_rates_and_slack_with_other_weight_ranges_by_brute_force(weights):
+    data = small(K=3, Q=5, d=8, v=0.4, shared=True)
+    beta, (q_lo, q_hi) = 0.9, weights
+    C = gen.margin_kernel(data.features, data.chosen, data.rejected, data.features, data.chosen, data.rejected)
+    rho_L, rho_U = gen.empirical_rates(C, beta, weights=weights)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        w = torch.tensor(rng.uniform(q_lo, q_hi, C.shape[0]))
+        drive = beta**2 / C.shape[0] * (C @ w)
+        assert rho_L <= drive.min().item() + 1e-12 and drive.max().item() <= rho_U + 1e-12
+    mean = data.means[0]
+    s = gen.test_slack(data.features, data.chosen, data.rejected, mean, 0, 1, weights)
+    c = gen.preference_overlap(torch.tensor([0]), torch.tensor([1]), data.chosen, data.rejected)[0]
+    a = (c * (data.features @ mean)).tolist()
+    worst = lambda slack: sum(min(q * (ai + abs(ci) * e) for q in weights for e in (-slack, slack))
+                              for ai, ci in zip(a, c.tolist()))
+    if s > 0:
+        assert worst(s) == pytest.approx(0, abs=1e-9) and worst(0.9 * s) > 0
+
+
+def test_approximately_orthogonal_means_and_the_deviation_they_add():
+    """<c_k, e_k> = 1 - delta^2/8 and unit norm; the inner products of the means move by at most
+    (1 + l_b) delta from the orthogonal model's, so delta_model <= delta + (1 + l_b) delta_c."""
+    K, d, l_b, delta_c = 4, 12, 0.4, 0.3
+    mu = gen.cluster_means(K, d, l_b, delta_c=delta_c, seed=3)
+    mu0 = gen.cluster_means(K, d, l_b)
+    c = (mu[0::2] - mu[1::2]) / 2
+    assert torch.allclose(c.norm(dim=1), torch.ones(K, dtype=torch.float64))
+    assert torch.allclose(c[torch.arange(K), torch.arange(1, K + 1)], torch.full((K,), 1 - delta_c**2 / 8, dtype=torch.float64))
+    assert torch.allclose((c - torch.eye(d, dtype=torch.float64)[1:K + 1]).norm(dim=1), torch.full((K,), delta_c / 2, dtype=torch.float64))
+    assert (mu @ mu.T - mu0 @ mu0.T).abs().max().item() <= (1 + l_b) * delta_c + 1e-12
+    assert torch.equal(gen.cluster_means(K, d, l_b, delta_c=0.0, seed=9), mu0)
+    data = gen.cluster_data(K, 20, d, 0.05, l_b, seed=5, delta_c=delta_c)
+    delta, delta_model = gen.inner_product_deviation(data), gen.inner_product_deviation(data, means=mu0)
+    assert delta_model <= delta + (1 + l_b) * delta_c + 1e-12 and delta_model > delta
+    with pytest.raises(ValueError, match="delta_c"):
+        gen.cluster_means(K, d, l_b, delta_c=3.0)
+
+
+def test_subset_mean_average_by_brute_force_and_the_dilution_identity():
+    """The average of ||m_S||^2 over K-subsets with equal counts is a/K + b(1 - 1/K) (a the mean squared
+    norm, b the mean inner product of two different groups), never rising with K; with counts, by hand."""
+    from itertools import combinations
+
+    g = torch.Generator().manual_seed(0)
+    B, d = 6, 5
+    m = torch.randn(B, d, generator=g, dtype=torch.float64) + 0.5
+    sq = lambda x: (x * x).sum(-1)
+    a = sq(m).mean().item()
+    b = ((m @ m.T).sum().item() - sq(m).sum().item()) / (B * (B - 1))
+    values = [gen.subset_mean_average(m, K, sq, chunk=4) for K in range(1, B + 1)]
+    assert np.allclose(values, [a / K + b * (1 - 1 / K) for K in range(1, B + 1)], atol=1e-12)
+    assert np.all(np.diff(values) <= 1e-12)
+    l1 = [gen.subset_mean_average(m, K, lambda x: x.abs().sum(-1)) for K in range(1, B + 1)]
+    assert np.all(np.diff(l1) <= 1e-12)                       # any convex function of the subset mean
+    counts = [1, 2, 3, 1, 5, 2]
+    by_hand = np.mean([sq(sum(counts[k] * m[k] for k in S) / sum(counts[k] for k in S)).item()
+                       for S in combinations(range(B), 3)])
+    assert gen.subset_mean_average(m, 3, sq, counts) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_adam_with_frozen_weights_moves_lr_per_step_and_gives_the_frozen_margin():
+    g = torch.Generator().manual_seed(7)
+    G = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    s = torch.tensor([1, -1] * 10)
+    beta, lr, steps = 0.05, 1e-3, 30
+    vs = gen.adam_last_layer(G, s, beta=beta, lr=lr, steps=steps, frozen_weights=True)
+    grad = -(beta / 20) * (0.5 * s.double()[:, None] * G).sum(0)
+    assert torch.allclose(vs[-1], -steps * lr * grad / (grad.abs() + 1e-8), atol=1e-13)
+    m = (s.double()[:, None] * G).mean(0)
+    margin = (2 * beta * s.double() * (G @ vs[-1])).mean()
+    assert gen.adam_frozen_margin(m, beta, lr, steps).item() == pytest.approx(margin.item(), rel=1e-10)
+    free = gen.adam_last_layer(G, s, beta=beta, lr=lr, steps=steps)
+    assert torch.allclose(free[1], vs[1])                    # the first step is the same
+
+
+def test_no_flip_odds_from_the_log_odds_identity():
+    """With single-token answers the policy's log-odds are the reference's plus r/beta (explicit softmaxes):
+    a pair whose reference odds against y_w exceed exp(r_max/beta) stays unflipped while r <= r_max."""
+    g = torch.Generator().manual_seed(8)
+    V, d, beta = 6, 4, 0.5
+    W0, W = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(V, d, generator=g, dtype=torch.float64)
+    x = torch.randn(50, d, generator=g, dtype=torch.float64)
+    lp, lp0 = torch.log_softmax(x @ W.T, -1), torch.log_softmax(x @ W0.T, -1)
+    r = beta * ((lp[:, 1] - lp0[:, 1]) - (lp[:, 3] - lp0[:, 3]))
+    assert torch.allclose(lp[:, 1] - lp[:, 3], lp0[:, 1] - lp0[:, 3] + r / beta, atol=1e-12)
+    assert gen.no_flip_odds(beta) == pytest.approx(3 ** (1 / beta)) and gen.no_flip_odds(0.1, 0.7) == pytest.approx(math.exp(7))
+    beyond = (lp0[:, 3] - lp0[:, 1]) > math.log(gen.no_flip_odds(beta, r.max().item()))
+    assert not torch.any((lp[:, 1] > lp[:, 3]) & beyond)
+
+
+def test_descent_step_bound_is_four_over_L_and_descends_below_it():
+    """dyn.descent_step_bound: full-batch gradient descent on a last layer's DPO loss never rises for a step
+    below 4/L, on features with a large shared mean (where L is largest)."""
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.3 + torch.tensor([3.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    s = torch.tensor([1] * 30 + [-1] * 10)
+    beta = 0.7
+    L = dyn.smoothness(G, beta)
+    assert dyn.descent_step_bound(L) == pytest.approx(4 / L)
+    run = gen.gd_last_layer(G, torch.where(s == 1, 0, 1), torch.where(s == 1, 1, 0), vocab=2, beta=beta,
+                            lr=0.999 * dyn.descent_step_bound(L), steps=200)
+    losses = gen.loss_value("dpo", run.train).mean(1)
+    assert torch.all(torch.diff(losses) <= 1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        dyn.descent_step_bound(0.0)

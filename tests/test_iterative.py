@@ -38,7 +38,7 @@ def test_mrs_ipo_step_is_the_gd_minimiser_of_the_population_loss_with_mixed_refe
     alpha, beta, lam = 0.6, 1.7, 0.3
     ref = torch.log_softmax(alpha * log_pi + (1 - alpha) * log_ref, -1)
     mu = lam * log_pi.exp() + (1 - lam) * mu0
-    gd = tabular.minimise(lambda th: tabular.population_ipo_loss(th, ref, P, mu, 1 / beta), ref, steps=6000, lr=2.0)
+    gd = tabular.minimise(lambda th: tabular.population_ipo_loss(th, ref, P, mu, beta), ref, steps=6000, lr=2.0)
     step = it.mrs_ipo_step(log_pi, log_ref, mu0, P, alpha, beta, lam)
     assert (torch.log_softmax(gd, -1) - step).abs().max() < 1e-8
     # and it is the explicit formula softmax(alpha log pi + (1-alpha) log ref + beta P mu)
@@ -185,7 +185,7 @@ def test_entropy_total_variation_ranking_accuracy_by_hand():
 def test_logit_gaps_match_the_optimum():
     log_ref, P, mu, _ = random_world(seed=9)
     beta = 1.3
-    opt = tabular.ipo_optimum(log_ref, P, mu, 1 / beta)
+    opt = tabular.ipo_optimum(log_ref, P, mu, beta)
     assert torch.allclose(it.logit_gaps(log_ref, P, mu, beta), opt[:, None] - opt[None, :], atol=1e-12)
 
 
@@ -201,7 +201,7 @@ def test_pair_counts_and_table_loss_equal_an_explicit_loop():
     first = rng.random(len(s)) < P.numpy()[c[s], c[t]]
     lp = torch.log_softmax(torch.randn(2, 3, dtype=D), -1)
     ref = torch.randn(2, 3, dtype=D)
-    for loss, fn in (("ipo", lambda w, l: objectives.ipo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], tau=0.5)),
+    for loss, fn in (("ipo", lambda w, l: objectives.ipo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], beta=2.0)),
                      ("dpo", lambda w, l: objectives.dpo_loss(lp[0, w], lp[0, l], ref[0, w], ref[0, l], beta=2.0))):
         explicit = sum(fn(c[i], c[j]) if f else fn(c[j], c[i]) for i, j, f in zip(s, t, first)) / len(s_all)
         assert it.pair_table_loss(lp, ref, W, loss, 2.0).item() == pytest.approx(float(explicit), rel=1e-12)
@@ -467,6 +467,43 @@ def test_sampled_rounds_are_seeded_and_follow_the_population_map_with_many_sampl
     pop = it.iterate(it.mrs_ipo_step, log_pi0, 4, P=P, alpha=0.5, beta=2.0, lam=0.6,
                      mu0=torch.full((3,), 1 / 3, dtype=D))
     assert (run(2, 200000).exp() - pop.exp()[:, None]).abs().max() < 0.01
+
+
+def test_plugin_round_is_the_ipo_optimum_for_the_empirical_sampler_and_moves_every_response():
+    log_ref, P, _, log_pi = random_world(seed=9)
+    counts = torch.tensor([0.0, 5.0, 0.0, 3.0], dtype=D)
+    step = it.plugin_round(log_pi, log_ref, counts, P, 1.3)
+    assert torch.allclose(step, tabular.ipo_optimum(log_ref, P, counts / 8, beta=1.3), atol=1e-12)
+    # the same round of the sampled-loss minimiser leaves the unsampled responses' logits alone
+    sampled = it.sampled_ipo_round(log_pi, log_ref, counts, P, 1.3)
+    assert torch.allclose((sampled - log_pi)[0] - (sampled - log_pi)[2], torch.zeros((), dtype=D), atol=1e-12)
+    assert not torch.allclose((step - log_pi)[0], (step - log_pi)[2])
+
+
+def test_plugin_rounds_follow_the_population_map_with_many_samples_and_draw_like_the_sampled_map():
+    P = it.cyclic_preferences(0.3)
+    log_pi0 = F.log_softmax(torch.tensor([0.3, -0.1, 0.0], dtype=D), -1)
+    run = lambda fn, seed, n: fn(log_pi0, P, 0.5, 2.0, 0.6, n, 4, 3, torch.Generator().manual_seed(seed))
+    pop = it.iterate(it.mrs_ipo_step, log_pi0, 4, P=P, alpha=0.5, beta=2.0, lam=0.6,
+                     mu0=torch.full((3,), 1 / 3, dtype=D))
+    assert (run(it.plugin_rounds, 2, 200000).exp() - pop.exp()[:, None]).abs().max() < 0.01
+    # one round from the same state and generator: the same draws, so a round with every candidate
+    # drawn gives the plug-in update's logits up to the shift the sampled minimiser keeps
+    a, b = run(it.plugin_rounds, 5, 400)[1], run(it.sampled_rounds, 5, 400)[1]
+    assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_a_round_with_one_distinct_candidate_changes_nothing_and_the_sampled_map_freezes_near_a_vertex():
+    log_ref, P, _, log_pi = random_world(seed=10)
+    assert torch.equal(it.sampled_ipo_round(log_pi, log_ref, torch.tensor([0.0, 7.0, 0.0, 0.0], dtype=D), P, 2.0),
+                       F.log_softmax(log_pi, -1))
+    vertex = F.log_softmax(torch.tensor([12.0, 0.0, 0.0], dtype=D), -1)       # pi(0) = 1 - 1.2e-5
+    g = torch.Generator().manual_seed(4)
+    stuck = it.sampled_rounds(vertex, it.cyclic_preferences(0.4), 1.0, 8.0, 1.0, 32, 20, 50, g)
+    moving = it.plugin_rounds(vertex, it.cyclic_preferences(0.4), 1.0, 8.0, 1.0, 32, 20, 50, g)
+    assert it.frozen(stuck, 10).double().mean() > 0.9         # all 32 draws coincide: (1 - 1.2e-5)^32
+    assert not it.frozen(moving, 10).any()
+    assert it.frozen(stuck, 10).shape == (50,)
 
 
 def test_fixed_point_takes_a_batch_of_betas_and_lams():

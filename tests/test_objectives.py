@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from prefdyn.llm.train import preference_loss
 from prefdyn.objectives import dpo_loss, implicit_rewards, ipo_loss, preference_accuracy, reward_margins, sft_nll
 from prefdyn.tabular import (
     bradley_terry,
@@ -60,7 +61,7 @@ def test_dpo_loss_matches_numpy(beta):
 def test_ipo_loss_matches_numpy(tau):
     pc, pr, rc, rr = _logps(2)
     h = (pc.numpy() - rc.numpy()) - (pr.numpy() - rr.numpy())  # log-ratio difference, not scaled by tau
-    np.testing.assert_allclose(ipo_loss(pc, pr, rc, rr, tau).numpy(), (h - 1 / (2 * tau)) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(ipo_loss(pc, pr, rc, rr, 1 / tau).numpy(), (h - 1 / (2 * tau)) ** 2, rtol=1e-12)  # beta = 1/tau
 
 
 def test_sft_nll_per_sequence_and_per_token():
@@ -91,17 +92,15 @@ def test_dpo_gradient_is_closed_form():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda t, bad: implicit_rewards(t, t, bad),
-        lambda t, bad: reward_margins(t, t, t, t, bad),
-        lambda t, bad: dpo_loss(t, t, t, t, bad),
-        lambda t, bad: ipo_loss(t, t, t, t, bad),
+        lambda t, bad: preference_loss("dpo", bad),
+        lambda t, bad: preference_loss("ipo", bad),
         lambda t, bad: rlhf_optimum(t, t, bad),
         lambda t, bad: ipo_optimum(t, bradley_terry(t), torch.softmax(t, -1), bad),
-        lambda t, bad: population_dpo_loss(t, t, bradley_terry(t), torch.softmax(t, -1), bad),
     ],
 )
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
-def test_nonpositive_beta_or_tau_raises(call, bad):
+def test_a_nonpositive_beta_is_refused_where_it_enters(call, bad):
+    """Where beta enters (the trainer's loss, the closed forms), not at every step of the per-example losses."""
     with pytest.raises(ValueError, match="must be a positive number"):
         call(torch.zeros(3), bad)
 
@@ -186,10 +185,11 @@ def test_dpo_loss_matches_trl_sigmoid_loss(beta):
 
 @pytest.mark.parametrize("tau", [0.1, 1.0])
 def test_ipo_loss_matches_trl_ipo_loss(tau):
-    """TRL's ``beta`` is IPO's tau; with one completion token its length normalisation is the identity."""
+    """TRL's ``beta`` is IPO's tau, the book's ``beta`` its inverse; with one completion token TRL's
+    length normalisation is the identity."""
     pc, pr, rc, rr = _logps(5)
     trl_losses, _, _ = _trl_per_example("ipo", tau, pc, pr, rc, rr)
-    torch.testing.assert_close(ipo_loss(pc, pr, rc, rr, tau), trl_losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ipo_loss(pc, pr, rc, rr, 1 / tau), trl_losses, rtol=1e-12, atol=1e-12)
 
 
 # --- the tabular world ---------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_ipo_optimum_solves_the_normal_equations():
     tau = 0.8
     log_pi_ref, _, mu = _tabular_problem(1)
     P = _random_preferences(1)
-    g = (ipo_optimum(log_pi_ref, P, mu, tau) - log_pi_ref).numpy()
+    g = (ipo_optimum(log_pi_ref, P, mu, 1 / tau) - log_pi_ref).numpy()
     mu_np, P_np = mu.numpy(), P.numpy()
     win_rate = np.einsum("nij,nj->ni", P_np, mu_np)
     lhs = g - (mu_np * g).sum(-1, keepdims=True)
@@ -271,7 +271,7 @@ def test_population_ipo_loss_is_the_double_sum_over_pairs():
     logits = torch.randn(3, K, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     P = _random_preferences(3)
     expected = _brute_force_population_loss(lambda h: (h - 1 / (2 * tau)) ** 2, logits, log_pi_ref, P, mu)
-    np.testing.assert_allclose(population_ipo_loss(logits, log_pi_ref, P, mu, tau).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(population_ipo_loss(logits, log_pi_ref, P, mu, 1 / tau).numpy(), expected, rtol=1e-12)
 
 
 def _max_log_error(logits, log_pi_star):
@@ -295,10 +295,10 @@ def test_gradient_descent_on_population_dpo_reaches_rlhf_optimum(beta):
 def test_gradient_descent_on_population_ipo_reaches_ipo_optimum(tau, preferences):
     log_pi_ref, r, mu = _tabular_problem(5)
     P = bradley_terry(r) if preferences == "bradley_terry" else _random_preferences(5)
-    target = ipo_optimum(log_pi_ref, P, mu, tau)
+    target = ipo_optimum(log_pi_ref, P, mu, 1 / tau)
     logits0 = torch.zeros_like(log_pi_ref)
     assert _max_log_error(logits0, target) > 0.1
-    logits = minimise(lambda z: population_ipo_loss(z, log_pi_ref, P, mu, tau), logits0, 2000, lr=2.0)
+    logits = minimise(lambda z: population_ipo_loss(z, log_pi_ref, P, mu, 1 / tau), logits0, 2000, lr=2.0)
     assert _max_log_error(logits, target) < 1e-6
 
 
@@ -312,11 +312,11 @@ def test_ipo_on_rock_paper_scissors_tilts_towards_what_beats_mu():
     log_pi_ref = torch.full((3,), -np.log(3.0), dtype=torch.float64)
     mu = torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)
     logits = minimise(
-        lambda z: population_ipo_loss(z, log_pi_ref, ROCK_PAPER_SCISSORS, mu, tau), torch.zeros(3), 2000, lr=2.0
+        lambda z: population_ipo_loss(z, log_pi_ref, ROCK_PAPER_SCISSORS, mu, 1 / tau), torch.zeros(3), 2000, lr=2.0
     )
     tilt = np.exp(np.array([0.5, 0.7, 0.3]) / tau)
     np.testing.assert_allclose(torch.softmax(logits, -1).numpy(), tilt / tilt.sum(), atol=1e-7)
-    assert _max_log_error(logits, ipo_optimum(log_pi_ref, ROCK_PAPER_SCISSORS, mu, tau)) < 1e-6
+    assert _max_log_error(logits, ipo_optimum(log_pi_ref, ROCK_PAPER_SCISSORS, mu, 1 / tau)) < 1e-6
 
 
 def test_ipo_on_rock_paper_scissors_with_uniform_mu_stays_at_reference():
@@ -325,6 +325,6 @@ def test_ipo_on_rock_paper_scissors_with_uniform_mu_stays_at_reference():
     log_pi_ref = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
     mu = torch.full((3,), 1 / 3, dtype=torch.float64)
     logits = minimise(
-        lambda z: population_ipo_loss(z, log_pi_ref, ROCK_PAPER_SCISSORS, mu, tau), torch.zeros(3), 2000, lr=2.0
+        lambda z: population_ipo_loss(z, log_pi_ref, ROCK_PAPER_SCISSORS, mu, 1 / tau), torch.zeros(3), 2000, lr=2.0
     )
     assert _max_log_error(logits, log_pi_ref) < 1e-6

@@ -94,13 +94,16 @@ def test_reproducibility_report_lists_live_and_recorded_runs(tmp_path, monkeypat
 
     text = report.reproducibility_markdown()
     glance = text.split("## At a glance")[1].split("\n## ")[0]
-    assert ("| {doc}`cha <cha>` | 1 identity and 1 bound (1 FAILED) | smoke, cpu, 12 s, 2026-01-02 | `full-gpu` |"
+    assert ("| {doc}`cha <cha>` | 1 identity and 1 bound (1 FAILED) | smoke, cpu, 12 s, 2026-01-02 | 1 | `full-gpu` |"
             in glance)
-    assert "| {doc}`chb <chb>` | not run | — | none |" in glance
+    assert "| {doc}`chb <chb>` | not run | — | 0 | none |" in glance
+    assert "No `full` run of the current code is recorded for {doc}`chb <chb>`" in text
     section = text.split("## Title of cha")[1].split("## Title of chb")[0]
     assert '`scale="smoke"`, `device="cpu"`, `seed=0`, `model="smollm2-135m"`; chapter-specific: `lr=0.1`' in section
     assert "Some CPU, 2 cores" in section and "`abc1234`" in section and "torch 9.9" in section
     assert section.count("| c1 |") == 2 and "| FAIL |" in section and "### Recorded run `full-gpu`" in section
+    assert "`prefdyn run cha --scale smoke --device cpu`" in section and "`prefdyn reproduce cha full-gpu`" in section
+    assert section.count(":::{dropdown} Checks of") == 2
     assert "*Not executed in this build.*" in text.split("## Title of chb")[1]
     path = report.write_reproducibility_page()
     assert path == out / "reproducibility.md" and path.read_text() == text
@@ -195,3 +198,12 @@ def test_chapter_source_links_add_the_myst_source_and_the_repository_file(tmp_pa
     assert app.config.html_theme_options["use_repository_button"] is False
     with pytest.raises(RuntimeError, match="use_download_button"):
         pages.chapter_source_links(app, "book/_executed/ch09-x", "page.html", {"pathto": ctx["pathto"], "header_buttons": []}, None)
+
+
+def test_every_command_reports_bad_input_as_one_line_and_exit_2():
+    bad_model = prefdyn("train", "--model", "no-such-model", "--steps", "1")
+    assert bad_model.returncode == 2 and bad_model.stderr.startswith("[prefdyn] error: model 'no-such-model'")
+    no_record = prefdyn("reproduce", "ch01-rlhf-dpo-ipo", "no-such-label")
+    assert no_record.returncode == 2 and "has no recorded run 'no-such-label'" in no_record.stderr
+    no_chapter = prefdyn("record", "ch99-x", "--label", "a")
+    assert no_chapter.returncode == 2 and "unknown chapter 'ch99-x'" in no_chapter.stderr

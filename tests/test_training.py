@@ -142,3 +142,46 @@ def test_kept_weights_restores_every_weight_and_buffer_after_training():
         assert not torch.equal(model[0].bias, before["0.bias"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_running_chapters_share_the_machines_threads(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from prefdyn import params
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (params.running_dir()).mkdir(parents=True)
+        (params.running_dir() / str(sleeper.pid)).touch()        # another chapter is running
+        (params.running_dir() / "999999999").touch()             # one that ended without cleaning up
+        share = params.claim_threads()
+        assert share == max(1, params.ALL_THREADS // 2) and params.run_threads() == share
+        assert sorted(p.name for p in params.running_dir().iterdir()) == sorted([str(sleeper.pid), str(os.getpid())])
+        with params.torch_threads(None):
+            assert torch.get_num_threads() == share
+    finally:
+        sleeper.kill()
+        monkeypatch.setattr(params, "_share", params.ALL_THREADS)
+
+
+def test_start_carries_the_model_and_the_data_it_validated(tmp_path, monkeypatch):
+    from prefdyn import experiments, params
+    from prefdyn.llm import models
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(tmp_path))
+    monkeypatch.delenv("PREFDYN_CHAPTER", raising=False)
+    monkeypatch.chdir(tmp_path)
+    loads = []
+    monkeypatch.setattr(experiments, "load_policy", lambda spec, device: loads.append((spec, device)) or object())
+    sizes = {s: {"n": 3} for s in params.SCALES}
+    run, _ = experiments.start("smoke", "cpu", 0, sizes, model="smollm2-135m", data=lambda r: [r.seed] * r.sizes["n"])
+    assert run.model == "smollm2-135m" and run.data == [0, 0, 0]
+    assert run.load_policy() is run.load_policy() and loads == [("smollm2-135m", torch.device("cpu"))]
+    with pytest.raises(models.ModelSpecError, match="not a known name"):
+        experiments.start("smoke", "cpu", 0, sizes, model="no-such-model")
+    bare, _ = experiments.start("smoke", "cpu", 0, sizes)
+    with pytest.raises(params.ParameterError, match="pass model="):
+        bare.load_policy()
+    monkeypatch.setattr(params, "_share", params.ALL_THREADS)

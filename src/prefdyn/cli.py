@@ -8,6 +8,8 @@
     prefdyn readme                                 rewrite the README's headline from the ledger
     prefdyn record <id> --label L [--from DIR]     keep a finished run as book/recorded/<id>/<L>.json
                                                    (this checkout's last run, or one brought from DIR)
+    prefdyn reproduce <id> <label> [--out DIR]     re-run a recorded run with its exact parameters and
+                                                   compare every number with it (exit 0: all agree)
     prefdyn train --model <spec> --steps N ...     DPO/IPO on persona data, outside the book; runs
                                                    unchanged under `accelerate launch -m prefdyn train ...`
 """
@@ -28,12 +30,8 @@ def _run(chapters: list[str], args) -> int:
     ok = True
     for chapter in chapters:
         print(f"[prefdyn] {chapter}: running at scale={args.scale} ...", flush=True)
-        try:
-            result = execute.run_chapter(chapter, args.scale, args.device, parameters, force=args.force,
-                                          show_output=sys.stderr.isatty())
-        except runs.ChapterError as exc:
-            print(f"[prefdyn] error: {exc}", file=sys.stderr)
-            return 2
+        result = execute.run_chapter(chapter, args.scale, args.device, parameters, force=args.force,
+                                     show_output=sys.stderr.isatty())
         print(f"[prefdyn] {chapter}: {result.status} in {result.seconds:.0f} s; "
               f"{verify.summary_line(result.checks)}", flush=True)
         if result.error:
@@ -43,14 +41,50 @@ def _run(chapters: list[str], args) -> int:
     return 0 if ok else 1
 
 
+def _reproduce(args) -> int:
+    """Re-run a recorded run into a book folder of its own and compare it with the record."""
+    import json
+
+    from .book import reproduce
+
+    record = reproduce.find_record(args.chapter, args.label)
+    revision = record.get("git")
+    if not revision or not reproduce.is_ancestor(revision):
+        raise runs.ChapterError(f"the record {args.label!r} was made by code {revision or '(unrecorded)'}, which is "
+                                "not an ancestor of this checkout: check out that revision (or a descendant) first")
+    parameters = reproduce.reproduce_parameters(record)
+    bad = [item for item in (args.data or []) if "=" not in item]
+    if bad:
+        raise runs.ChapterError(f"--data {bad[0]!r}: write NAME=PATH, e.g. --data data_dir=~/persona")
+    notes = reproduce.check_data(record, parameters, dict(item.split("=", 1) for item in (args.data or [])))
+    if args.device:
+        parameters["device"] = args.device
+    out = args.out or Path(f"prefdyn-reproduce-{args.chapter}-{args.label}")
+    os.environ["PREFDYN_ROOT"] = str(runs.stage_book(out))
+    scale = parameters.pop("scale")
+    device = parameters.pop("device", None)
+    shown = " ".join(f"-p {k} {json.dumps(v)}" for k, v in parameters.items())
+    print(f"[prefdyn] reproducing {args.chapter} / {args.label} (code {revision}) in {os.environ['PREFDYN_ROOT']}:\n"
+          f"          prefdyn run {args.chapter} --scale {scale}" + (f" --device {device}" if device else "") + f" {shown}")
+    for line in notes:
+        print(f"[prefdyn] data: {line}")
+    result = execute.run_chapter(args.chapter, scale, device, parameters, force=True, show_output=sys.stderr.isatty())
+    if result.status == "failed":
+        print(f"[prefdyn] {args.chapter} failed: {result.error}", file=sys.stderr)
+        return 1
+    for line in reproduce.environment_differences(record, runs.load_meta(args.chapter) or {}):
+        print(f"[prefdyn] differs from the record: {line}")
+    differences = reproduce.compare(record, runs.load_checks(args.chapter))
+    print(reproduce.difference_table(differences))
+    return 0 if not differences else 1
+
+
 def _train(args) -> int:
     import json
 
     from accelerate import PartialState
 
     from .experiments.persona import train_on_persona
-    from .llm.models import ModelSpecError
-    from .params import ParameterError
     from .store import atomic_write_json
 
     try:
@@ -59,9 +93,8 @@ def _train(args) -> int:
                                   behaviours=args.behaviours, per_behaviour=args.per_behaviour,
                                   held_out=args.held_out, top_blocks=args.top_blocks, bucket=args.bucket,
                                   length_normalised=args.length_normalised, progress=sys.stderr.isatty())
-    except (ModelSpecError, ParameterError, FileNotFoundError, ValueError) as exc:
-        print(f"[prefdyn] error: {exc}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as exc:   # bad data or settings (ModelSpecError, ParameterError too)
+        raise runs.ChapterError(str(exc)) from exc
     if PartialState().is_main_process:
         summary = {k: v for k, v in result.items() if k != "history"}
         summary["losses"] = [round(r["loss"], 6) for r in result["history"] if "loss" in r]
@@ -71,10 +104,56 @@ def _train(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    # papermill logs the notebook's output at INFO: shown when a person watches a terminal
-    logging.getLogger("papermill").setLevel(logging.INFO if sys.stderr.isatty() else logging.WARNING)
+def _list(args) -> int:
+    print("\n".join(runs.chapter_ids()))
+    return 0
+
+
+def _run_one(args) -> int:
+    return _run([args.chapter], args)
+
+
+def _all(args) -> int:
+    status = _run(runs.chapter_ids(), args)
+    print(verify.summary())
+    return status
+
+
+def _book(args) -> int:
+    if args.folder is not None:
+        if not (args.folder / "chapters").is_dir():
+            raise runs.ChapterError(f"{args.folder} is not a book folder; make one with "
+                                    f"prefdyn run <id> --out {args.folder}")
+        os.environ["PREFDYN_ROOT"] = str(args.folder.expanduser().resolve())
+    index = build.build_book()
+    print(f"[prefdyn] the book is at {index}")
+    print(verify.summary())
+    return 0
+
+
+def _checks(args) -> int:
+    print(verify.summary())
+    return 0 if all(runs.load_checks(c)["checks"] and not any(map(verify.is_failure, runs.load_checks(c)["checks"]))
+                    for c in runs.chapter_ids()) else 1
+
+
+def _readme(args) -> int:
+    changed = ledger.update_readme(runs.root() / "README.md")
+    print(f"[prefdyn] README.md {'updated' if changed else 'already up to date'}")
+    return 0
+
+
+def _record(args) -> int:
+    path = runs.record(args.chapter, args.label, args.folder, args.hardware, args.data, args.allow_dirty)
+    print(f"[prefdyn] recorded {path}")
+    return 0
+
+
+COMMANDS = {"list": _list, "run": _run_one, "all": _all, "book": _book, "checks": _checks, "readme": _readme,
+            "record": _record, "reproduce": _reproduce, "train": _train}
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefdyn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="describe the data set (default: the run's data_dir)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="record a run from uncommitted code, marked as such (otherwise refused)")
+    p = sub.add_parser("reproduce", help="re-run a recorded run with its exact parameters and compare it")
+    p.add_argument("chapter")
+    p.add_argument("label", help="the recorded run's label (book/recorded/<id>/<label>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the book folder to run in (default: ./prefdyn-reproduce-<id>-<label>)")
+    p.add_argument("--device", default=None, help="run on this device instead of the recorded one")
+    p.add_argument("--data", action="append", metavar="NAME=PATH",
+                   help="your copy of data the record read from outside the package, e.g. data_dir=~/persona "
+                        "(checked against the record's checksum)")
     p = sub.add_parser("train", help="DPO or IPO on persona data (works under `accelerate launch`)")
     p.add_argument("--model", default="smollm2-135m", help="packaged name, .gguf path, HF folder or hub id")
     p.add_argument("--device", default="auto")
@@ -126,55 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-blocks", type=int, default=None, help="train only the last N blocks (default: all)")
     p.add_argument("--bucket", type=int, default=1, help="group batches by length over this many batches")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (atomically)")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "list":
-        print("\n".join(runs.chapter_ids()))
-        return 0
-    if args.command in ("run", "all") and args.out is not None:
-        try:
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and dispatch; a :class:`~prefdyn.book.runs.ChapterError` (bad chapter,
+    parameter, folder or record) is printed as one line and exits 2, before any work where it can."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # papermill logs the notebook's output at INFO: shown when a person watches a terminal
+    logging.getLogger("papermill").setLevel(logging.INFO if sys.stderr.isatty() else logging.WARNING)
+    args = parser().parse_args(argv)
+    try:
+        if args.command in ("run", "all") and args.out is not None:
             os.environ["PREFDYN_ROOT"] = str(runs.stage_book(args.out))
-        except runs.ChapterError as exc:
-            print(f"[prefdyn] error: {exc}", file=sys.stderr)
-            return 2
-        print(f"[prefdyn] writing into the book folder {os.environ['PREFDYN_ROOT']}")
-    if args.command == "book" and args.folder is not None:
-        if not (args.folder / "chapters").is_dir():
-            print(f"[prefdyn] error: {args.folder} is not a book folder; make one with prefdyn run <id> --out {args.folder}",
-                  file=sys.stderr)
-            return 2
-        os.environ["PREFDYN_ROOT"] = str(args.folder.expanduser().resolve())
-    if args.command == "run":
-        return _run([args.chapter], args)
-    if args.command == "all":
-        status = _run(runs.chapter_ids(), args)
-        print(verify.summary())
-        return status
-    if args.command == "book":
-        try:
-            index = build.build_book()
-        except runs.ChapterError as exc:
-            print(f"[prefdyn] error: {exc}", file=sys.stderr)
-            return 2
-        print(f"[prefdyn] the book is at {index}")
-        print(verify.summary())
-        return 0
-    if args.command == "record":
-        try:
-            path = runs.record(args.chapter, args.label, args.folder, args.hardware, args.data, args.allow_dirty)
-        except runs.ChapterError as exc:
-            print(f"[prefdyn] error: {exc}", file=sys.stderr)
-            return 2
-        print(f"[prefdyn] recorded {path}")
-        return 0
-    if args.command == "train":
-        return _train(args)
-    if args.command == "readme":
-        changed = ledger.update_readme(runs.root() / "README.md")
-        print(f"[prefdyn] README.md {'updated' if changed else 'already up to date'}")
-        return 0
-    if args.command == "checks":
-        print(verify.summary())
-        return 0 if all(runs.load_checks(c)["checks"] and not any(map(verify.is_failure, runs.load_checks(c)["checks"]))
-                        for c in runs.chapter_ids()) else 1
-    return 2
+            print(f"[prefdyn] writing into the book folder {os.environ['PREFDYN_ROOT']}")
+        return COMMANDS[args.command](args)
+    except runs.ChapterError as exc:
+        print(f"[prefdyn] error: {exc}", file=sys.stderr)
+        return 2

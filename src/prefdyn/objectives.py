@@ -21,7 +21,16 @@ The chain of definitions is the derivation of Rafailov et al. (2023),
 
 IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning
 from Human Preferences", arXiv:2310.12036) regresses the same log-ratio
-difference onto the constant 1/(2 tau) instead (Eq. 17).
+difference onto the constant 1/(2 tau) instead (Eq. 17). This book writes IPO
+with beta = 1/tau, the inverse temperature of its optimum pi_ref exp(beta P mu),
+so that beta multiplies the reward in the optimum of DPO and IPO alike; the
+target margin is then beta/2. TRL's ``DPOTrainer(loss_type="ipo")`` calls tau
+itself ``beta``: pass TRL ``beta = 1/beta`` (the one place this mapping is made;
+tests/test_objectives.py checks it against TRL's own loss).
+
+The regularisation strength is checked where it enters (the trainer's
+:func:`prefdyn.llm.train.preference_loss`, the closed forms of
+:mod:`prefdyn.tabular`, each chapter's parameters), not at every step here.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ __all__ = [
 ]
 
 
-def _require_positive(name: str, value) -> None:
+def require_positive(name: str, value) -> None:
     """Raise ``ValueError`` unless the regularisation strength (a number, or a tensor of them) is > 0
     (NaN rejected too)."""
     if not bool(torch.all(torch.as_tensor(value) > 0)):
@@ -54,7 +63,6 @@ def implicit_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float)
     prompt-only term beta log Z(x) is dropped because it cancels in every
     comparison of two responses to the same prompt (TRL's ``rewards/chosen``).
     """
-    _require_positive("beta", beta)
     return beta * (policy_logps - reference_logps)
 
 
@@ -99,19 +107,18 @@ def ipo_loss(
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
-    tau: float,
+    beta: float,
 ) -> Tensor:
-    """Per-example sampled IPO loss (h - 1/(2 tau))^2, Azar et al. Eq. 17.
+    """Per-example sampled IPO loss (h - beta/2)^2: Azar et al. Eq. 17, (h - 1/(2 tau))^2, with the
+    book's beta = 1/tau (see the module docstring; TRL's ``beta`` is tau).
 
     h = log(pi(y_w)/pi_ref(y_w)) - log(pi(y_l)/pi_ref(y_l)) is the log-ratio
-    difference, i.e. the reward margin at unit temperature (it is *not*
-    multiplied by tau); tau is the regularisation strength, called ``beta`` in TRL.
+    difference, i.e. the reward margin at unit temperature (it is *not* multiplied by beta).
     """
-    _require_positive("tau", tau)
     h = reward_margins(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta=1.0
     )
-    return (h - 1 / (2 * tau)) ** 2
+    return (h - beta / 2) ** 2
 
 
 def sft_nll(policy_logps: Tensor, n_tokens: Tensor | None = None) -> Tensor:

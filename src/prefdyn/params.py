@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 SCALES = ("smoke", "ci", "full")
 ALL_THREADS = torch.get_num_threads()   # the machine's intra-op threads, read before any chapter narrows them
+_share = ALL_THREADS                    # this process's share of them (claim_threads); all, outside a chapter
 
 
 class ParameterError(ValueError):
@@ -25,10 +27,23 @@ class ParameterError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
+    """What a chapter's first cell validated, carried to every later cell: its scale and sizes, device
+    and seed, the model spec (resolved once) and the data it loaded."""
+
     scale: str
     device: torch.device
     seed: int
     sizes: dict[str, Any]
+    model: str | None = None
+    data: Any = field(default=None, repr=False, compare=False)
+    policy_loader: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+
+    def load_policy(self):
+        """The run's model on the run's device, loaded once per process (later calls return the same
+        policy: keep and restore its weights with :func:`prefdyn.llm.models.kept_weights`)."""
+        if self.policy_loader is None:
+            raise ParameterError("this run has no model: pass model=... to prefdyn.experiments.start")
+        return self.policy_loader()
 
     def __str__(self) -> str:
         """The one line a chapter prints about its run (the sizes in full; the dataclass repr stays for repr)."""
@@ -64,13 +79,14 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]],
-          validate: tuple[Callable[[], Any], ...] = ()) -> Run:
+          validate: tuple[Callable[[], Any], ...] = (), **carried) -> Run:
     """Validate the common parameters, seed everything and return the sizes for ``scale``.
 
     ``sizes`` maps each of ``smoke``, ``ci`` and ``full`` to that scale's settings: the same code
     runs at every scale, only these numbers change. Each of ``validate`` is called after the common
     parameters have been checked and before seeding (:func:`prefdyn.experiments.start` passes the
-    model spec and data checks), so bad input raises here, in the chapter's first cell.
+    model spec and data checks), so bad input raises here, in the chapter's first cell. ``carried``
+    (``model``, ``data``, ``policy_loader``) travels on the :class:`Run`.
     """
     if scale not in SCALES:
         raise ParameterError(f"scale={scale!r} is not one of {', '.join(SCALES)}; "
@@ -87,7 +103,7 @@ def setup(scale: str, device: str, seed: int, sizes: dict[str, dict[str, Any]],
     for check in validate:
         check()
     seed_everything(seed)
-    return Run(scale=scale, device=dev, seed=seed, sizes=dict(sizes[scale]))
+    return Run(scale=scale, device=dev, seed=seed, sizes=dict(sizes[scale]), **carried)
 
 
 def positive(name: str, value: Any, kind: type = int) -> Any:
@@ -98,16 +114,62 @@ def positive(name: str, value: Any, kind: type = int) -> Any:
     return value
 
 
+def running_dir() -> Path:
+    """Where running chapters leave a file named by their process id (``$PREFDYN_CACHE/running``)."""
+    return Path(os.environ.get("PREFDYN_CACHE") or Path.home() / ".cache" / "prefdyn") / "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_threads() -> int:
+    """The one thread policy: a chapter's process registers itself as running and takes an equal
+    share of the machine's threads, ``ALL_THREADS // (chapters running now)``, at least one. Two
+    chapters built at once on a 2-core machine then run on one thread each instead of four threads
+    fighting over two cores (OpenMP threads that outnumber the cores spin and wait for each other).
+    Files of processes that ended are removed; this one's is removed at exit. Returns the share,
+    which :func:`torch_threads` gives the drivers that want "every thread"."""
+    global _share
+    import atexit
+
+    folder = running_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / str(os.getpid())
+    mine.touch()
+    atexit.register(mine.unlink, missing_ok=True)
+    running = 0
+    for entry in folder.iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            running += 1
+        elif entry.name.isdigit():
+            entry.unlink(missing_ok=True)
+    _share = max(1, ALL_THREADS // max(1, running))
+    return _share
+
+
+def run_threads() -> int:
+    """The threads this process may use: its share once a chapter claimed it, else all of them."""
+    return _share
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """Run the block on ``n`` torch threads (``None``: :data:`ALL_THREADS`), then restore the count.
+    """Run the block on ``n`` torch threads (``None``: this process's share, :func:`run_threads`), then
+    restore the count.
 
     The book's model-free mathematics is many small operations, fastest on one thread (chapters
     ask for it in :func:`prefdyn.experiments.start`); the drivers that run a transformer or large
-    batched matrix products take every thread with ``torch_threads(None)``.
+    batched matrix products take the run's share with ``torch_threads(None)``.
     """
     saved = torch.get_num_threads()
-    torch.set_num_threads(n or ALL_THREADS)
+    torch.set_num_threads(n or run_threads())
     try:
         yield
     finally:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefdyn.objectives import _require_positive, dpo_loss, ipo_loss
+from prefdyn.objectives import dpo_loss, ipo_loss, require_positive
 
 __all__ = [
     "rlhf_optimum",
@@ -60,7 +60,7 @@ __all__ = [
 
 def rlhf_optimum(log_pi_ref: Tensor, r: Tensor, beta: float) -> Tensor:
     """log pi* of the KL-regularised RLHF optimum pi* ∝ pi_ref exp(r/beta), Rafailov et al. Eq. 4."""
-    _require_positive("beta", beta)
+    require_positive("beta", beta)
     return F.log_softmax(log_pi_ref + r / beta, dim=-1)
 
 
@@ -69,15 +69,16 @@ def bradley_terry(r: Tensor) -> Tensor:
     return torch.sigmoid(r[..., :, None] - r[..., None, :])
 
 
-def ipo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, tau: float) -> Tensor:
-    """log pi* of the population IPO solution pi* ∝ pi_ref exp(tau^{-1} P mu) (Azar et al. 2023).
+def ipo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float) -> Tensor:
+    """log pi* of the population IPO solution pi* ∝ pi_ref exp(beta P mu) (Azar et al. 2023, with the
+    book's beta = 1/tau: :func:`prefdyn.objectives.ipo_loss`).
 
     (P mu)_y = sum_{y'} P[y, y'] mu(y') = p(y ≻ mu) is the probability that y
     beats a response drawn from the behaviour distribution mu.
     """
-    _require_positive("tau", tau)
+    require_positive("beta", beta)
     win_rate = (P @ mu[..., None]).squeeze(-1)
-    return F.log_softmax(log_pi_ref + win_rate / tau, dim=-1)
+    return F.log_softmax(log_pi_ref + beta * win_rate, dim=-1)
 
 
 def _expected_pair_loss(
@@ -111,13 +112,13 @@ def population_dpo_loss(logits: Tensor, log_pi_ref: Tensor, P: Tensor, mu: Tenso
     return _expected_pair_loss(partial(dpo_loss, beta=beta), logits, log_pi_ref, P, mu)
 
 
-def population_ipo_loss(logits: Tensor, log_pi_ref: Tensor, P: Tensor, mu: Tensor, tau: float) -> Tensor:
+def population_ipo_loss(logits: Tensor, log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float) -> Tensor:
     """Population IPO loss of pi = softmax(logits): Azar Eq. 17 under (y, y') ~ mu x mu, y ≻ y' w.p. P.
 
     Returns one loss per prompt.  Minimised by :func:`ipo_optimum` for any P
     with P + P^T = 1, Bradley–Terry or not.
     """
-    return _expected_pair_loss(partial(ipo_loss, tau=tau), logits, log_pi_ref, P, mu)
+    return _expected_pair_loss(partial(ipo_loss, beta=beta), logits, log_pi_ref, P, mu)
 
 
 def minimise(loss_fn: Callable[[Tensor], Tensor], logits0: Tensor, steps: int, lr: float) -> Tensor:

@@ -24,10 +24,12 @@ from pathlib import Path
 
 from ..store import atomic_write, atomic_write_json
 from .registry import claims_dir, registry_path
+from .reproduce import reproduce_parameters
 from .runs import (
     CHAPTER_ENV,
     CHECKS_ENV,
     LIBRARY,
+    PARAMETERS_ENV,
     ChapterError,
     chapter_source,
     executed_dir,
@@ -129,13 +131,12 @@ def run_key(chapter: str, parameters: dict) -> str:
 
 def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, parameters: dict | None = None,
                 force: bool = False, show_output: bool = False) -> RunResult:
-    """Execute one chapter with papermill (unless cached) and return its checks.
+    """Execute one chapter with papermill (unless the cache says nothing changed) and, when it ran
+    to the end, publish its results; return its checks.
 
     ``show_output`` streams the notebook's output (progress bars included) to this process's log.
     """
     import jupytext  # noqa: F401  (fail early if the toolchain is missing)
-    import nbformat
-    import papermill
 
     parameters = dict(parameters or {})
     parameters["scale"] = scale
@@ -146,19 +147,43 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
     key = run_key(chapter, parameters)
     if not force and p["notebook"].is_file() and p["key"].is_file() and p["key"].read_text().strip() == key:
         return RunResult(chapter, "cached", 0.0, load_checks(chapter)["checks"])
+    effective = reproduce_parameters({"parameters": parameters, "defaults": defaults})
+    partial, seconds, error = execute(chapter, parameters, effective, show_output)
+    checks = normalise_checks(json.loads(partial["checks"].read_text()))["checks"] if partial["checks"].is_file() else []
+    if error:  # the last good results stay as they were; the failed run is kept beside them
+        for kind, failed in (("notebook", p["failed"]), ("checks", p["failed_checks"])):
+            if partial[kind].is_file():
+                os.replace(partial[kind], failed)
+        return RunResult(chapter, "failed", seconds, checks, error)
+    publish(chapter, partial, key, {
+        "chapter": chapter, "parameters": parameters,
+        "defaults": {k: v for k, v in defaults.items() if k not in parameters},
+        "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0], "packages": {n: _version(n) for n in PINNED_PACKAGES},
+        "git": git_revision(), "hardware": hardware(effective.get("device", "auto")),
+        "device_used": device_used(effective.get("device", "auto"))})
+    return RunResult(chapter, "executed", seconds, checks)
+
+
+def execute(chapter: str, parameters: dict, effective: dict, show_output: bool) -> tuple[dict, float, str]:
+    """Run the chapter's notebook with papermill into hidden partial files beside the published ones;
+    the kernel learns the chapter, where its checks go and its every parameter from the environment.
+    Returns the partial paths (``notebook``, ``checks``), the seconds taken and the error ("" if none)."""
+    import papermill
+
     out = executed_dir()
     out.mkdir(parents=True, exist_ok=True)
-    partial_nb = out / f".{chapter}.partial.ipynb"
-    partial_checks = out / f".{chapter}.partial.checks.json"
-    partial_checks.unlink(missing_ok=True)
+    partial = {"notebook": out / f".{chapter}.partial.ipynb", "checks": out / f".{chapter}.partial.checks.json"}
+    partial["checks"].unlink(missing_ok=True)
     source = read_notebook(chapter)
     source.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     start = time.perf_counter()
     error = ""
-    saved = {name: os.environ.get(name) for name in (CHAPTER_ENV, CHECKS_ENV)}
-    os.environ.update({CHAPTER_ENV: chapter, CHECKS_ENV: str(partial_checks)})  # the kernel inherits them
+    env = {CHAPTER_ENV: chapter, CHECKS_ENV: str(partial["checks"]), PARAMETERS_ENV: json.dumps(effective, default=str)}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)   # the kernel inherits them
     try:
-        papermill.execute_notebook(source, str(partial_nb), parameters=parameters, kernel_name="python3",
+        papermill.execute_notebook(source, str(partial["notebook"]), parameters=parameters, kernel_name="python3",
                                    cwd=str(root()), execution_timeout=EXECUTION_TIMEOUT_S, progress_bar=False,
                                    log_output=show_output)
     except papermill.PapermillExecutionError as exc:
@@ -171,34 +196,31 @@ def run_chapter(chapter: str, scale: str = "ci", device: str | None = None, para
                 del os.environ[name]
             else:
                 os.environ[name] = value
-    seconds = time.perf_counter() - start
-    checks = normalise_checks(json.loads(partial_checks.read_text()))["checks"] if partial_checks.is_file() else []
-    if error:  # the last good results stay as they were; the failed run is kept beside them
-        for partial, failed in ((partial_nb, p["failed"]), (partial_checks, p["failed_checks"])):
-            if partial.is_file():
-                os.replace(partial, failed)
-        return RunResult(chapter, "failed", seconds, checks, error)
+    return partial, time.perf_counter() - start, error
+
+
+def publish(chapter: str, partial: dict, key: str, meta: dict) -> None:
+    """Move a finished run into place: the checks, the cleaned notebook (with its run record in its
+    metadata), the run record and last the cache key, so an interrupted publish never vouches for
+    half a result."""
+    import nbformat
+
+    p = paths(chapter)
     p["key"].unlink(missing_ok=True)  # until every result is in place, the cache must not vouch for them
-    if partial_checks.is_file():
-        os.replace(partial_checks, p["checks"])
-    meta = {"chapter": chapter, "parameters": parameters,
-            "defaults": {k: v for k, v in defaults.items() if k not in parameters},
-            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "python": sys.version.split()[0], "packages": {n: _version(n) for n in PINNED_PACKAGES},
-            "git": git_revision(), "hardware": hardware(parameters.get("device", "auto"))}
-    nb = nbformat.read(partial_nb, as_version=4)
+    if partial["checks"].is_file():
+        os.replace(partial["checks"], p["checks"])
+    nb = nbformat.read(partial["notebook"], as_version=4)
     clean_outputs(nb)
     nb.metadata["prefdyn"] = meta
     for cell in nb.cells:  # papermill's injected cell names temporary paths; the text states scale and device
         if "injected-parameters" in cell.metadata.get("tags", []):
             cell.metadata["tags"].append("remove-cell")
     atomic_write(p["notebook"], nbformat.writes(nb))
-    partial_nb.unlink(missing_ok=True)
+    partial["notebook"].unlink(missing_ok=True)
     p["failed"].unlink(missing_ok=True)
     p["failed_checks"].unlink(missing_ok=True)
     atomic_write_json(p["meta"], meta)
     atomic_write(p["key"], key + "\n")
-    return RunResult(chapter, "executed", seconds, checks)
 
 
 PROGRESS = re.compile(r"^\s*$|\r|TqdmWarning|\d+%\|")   # tqdm's bars (and its widget warning) on stderr
@@ -249,6 +271,16 @@ def hardware(device: str) -> str:
         if torch.cuda.is_available():
             text = f"{torch.cuda.get_device_name(0)}; {text}"
     return text
+
+
+def device_used(device: str) -> str:
+    """The device a run's ``device`` parameter resolves to here (``auto`` becomes ``cuda`` or ``cpu``, as
+    :func:`prefdyn.params.resolve_device` decides in the kernel)."""
+    if str(device).strip().lower() != "auto":
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _read_lines(path: str) -> list[str]:

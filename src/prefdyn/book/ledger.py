@@ -49,7 +49,7 @@ def chapter_runs(chapter: str, live: bool = True) -> list[dict]:
 def describe_run(run: dict) -> str:
     p = run.get("parameters", {})
     data = str(run.get("data") or "")     # a data_dir path (shown by its folder's name) or a recorded description
-    data = ("the book's data" if not data else data if any(ch.isspace() for ch in data)
+    data = ("the packaged data" if not data else data if any(ch.isspace() for ch in data)
             else f"data `{Path(data).name}/`")
     return (f"`{run['label']}` ({p.get('scale', '?')}, {run.get('model') or 'default model'}, {data}, "
             f"{run.get('hardware') or 'unrecorded hardware'})")
@@ -163,21 +163,105 @@ def ledger_rows(chapters: list[str] | None = None, live: bool = True) -> list[di
     return rows
 
 
+GLOSSARY = (
+    ("reproduced", "a registered prediction passed, where a pass could not easily have happened by chance "
+                   "(its false-pass rate, simulated from the run's own units, is at most 0.05), its positive "
+                   "control was met and no identity forces the outcome: evidence for the paper's claim"),
+    ("not reproduced", "a registered prediction failed, where the run could have shown the effect (its power, "
+                       "simulated from the run's own units, is at least 0.8) and its positive control was met: "
+                       "evidence against the claim, in that setting"),
+    ("implied", "a checked identity forces the outcome in the regime the run measured (e.g. the first-order "
+                "regime of chapter 2): the pass restates algebra and is not evidence about models"),
+    ("inconclusive", "evidence neither way: a pass with a false-pass rate above 0.05, a failure with power "
+                     "below 0.8, a positive control that failed (no headroom: the run could not have shown "
+                     "the effect), or a registration missing what the rule needs; the reason is given"),
+    ("superseded", "the result of an earlier version of a registration: shown, never counted"),
+    ("power", "the probability that a prediction passes if the effect is as large as registered, "
+              "simulated by re-running the chapter's own statistic on worlds built from the run's own units"),
+    ("false-pass rate", "the probability that a prediction passes if the paper's claim is false (its null "
+                        "world), simulated in the same way"),
+    ("positive control", "a quantity measured in the same run that shows the run could have shown the effect "
+                         "(training moved the loss, an oracle gains, the judge agrees with people)"),
+    ("live run", "the execution of a chapter whose output the rendered page shows; every other finished "
+                 "run is a recorded run (book/recorded/)"),
+)
+
+
+def glossary() -> str:
+    """The verdict words, as a Sphinx glossary: ``{term}`reproduced``` links here from any page."""
+    return "```{glossary}\n" + "\n".join(f"{word}\n  {meaning}." for word, meaning in GLOSSARY) + "\n```"
+
+
+def verdict_term(status: str) -> str:
+    """A check's status with its verdict word linked to the glossary."""
+    word = outcome(status)
+    term = "implied" if word == IMPLIED else word
+    rest = status[len(word):] if status.startswith(word) else ""
+    if term not in dict(GLOSSARY):
+        return status
+    return f"{{term}}`{word} <{term}>`" + (rest if status.startswith(word) else f" ({status})")
+
+
+def scope(rows: list[dict]) -> str:
+    """One sentence: which models and scales the real-model evidence comes from."""
+    runs = {(e["run"].get("model") or "unrecorded model", (e["run"].get("parameters") or {}).get("scale", "?"))
+            for r in rows for e in r["evidence"] if e["setting"] == "real model" and not e["superseded"]}
+    if not runs:
+        return "No real-model run of the current registrations is recorded yet."
+    models = sorted({m for m, _ in runs})
+    scales = sorted({s for _, s in runs})
+    text = (f"All real-model evidence below comes from runs of {', '.join(f'`{m}`' for m in models)} at scale "
+            f"{', '.join(f'`{s}`' for s in scales)}")
+    if "full" not in scales:
+        text += (" on a 2-core CPU: small models, short training and small held-out sets. A `full` run (paper-like "
+                 "sizes, on a GPU) would give the underpowered predictions the power they lack; it would not turn "
+                 "a 135M or 270M model into the 7B models of the papers")
+    return text + "."
+
+
+def prediction_rows(claim, found: list[dict], registry, scale: str = "ci") -> list[list[str]]:
+    """One row per registered prediction of the claim: what it tests, its rule, its size, and its current
+    verdict in each run (grouped by model)."""
+    out = []
+    for pid in claim.predictions:
+        p = registry.prediction(pid)
+        here = [e for e in found if e["prediction"] == pid and not e["superseded"]]
+        verdicts = "<br>".join(
+            f"{e['run'].get('model') or 'unrecorded model'}, `{e['run']['label']}`: {verdict_term(e['status'])} "
+            f"(measured {fmt(e['observed'])}; power {e['power']:.2f}, false-pass {e['false_pass'] or 0:.3f}"
+            f"{control_text(e).replace('; control', ', control')})"
+            for e in sorted(here, key=lambda e: (e["run"].get("model") or "", e["run"]["label"]))) or "not run yet"
+        out.append([f"`{pid}` v{p.version}" + (" *(simulation)*" if p.setting == "simulation" else ""),
+                    f"{p.statistic}; passes if {p.passes_if}", f"{p.n[scale]} {p.units.split(' (')[0]}", verdicts])
+    return out
+
+
+def later_lines(claim_id: str) -> list[str]:
+    """The later work bearing on the claim (``chapters/claims/later-work.yml``; none where the book has no such file)."""
+    from .later import later_for, later_work_path
+
+    if not later_work_path().is_file():
+        return []
+    return [f"- {{cite:t}}`{w.paper.key}` ({w.relation}): {w.finding}" +
+            (f" Tested in {{ref}}`{w.section}`." if w.section else "") for w in later_for(claim_id)]
+
+
 def ledger_markdown(chapters: list[str] | None = None) -> str:
     chapters = chapters or chapter_ids()
     rows, papers = ledger_rows(chapters), load_papers()
+    registries = {ch: load_registry(ch) for ch in chapters}
     out = ["# Replication ledger", "",
            "What this book has shown about each claim of the papers it treats. The page is rendered by "
            "`prefdyn book` from the claims and the predictions each chapter registers before it runs "
            "(`chapters/claims/<chapter>.yml`) and from the runs of this build and the recorded runs "
-           "(`book/recorded/`); nothing on it is typed by hand. A claim is *reproduced on a real LLM* only "
-           "where a registered prediction passed at a false-pass rate of at most 0.05 (simulated from the "
-           "run's own units), with its positive control met and no identity forcing the outcome; a "
-           "prediction that failed at a power of at least 0.8, its control met, is *not reproduced*; "
-           "everything else is *implied* or *inconclusive* and counts as evidence neither way, and "
-           "results of an earlier version of a registration are *superseded*. The column *by model* splits the "
-           "real-model outcomes by the model each run used, so that a property of one model is not read as "
-           "a property of DPO.", ""]
+           "(`book/recorded/`); nothing on it is typed by hand. A claim is {term}`reproduced` only "
+           "where a registered prediction passed at a {term}`false-pass rate` of at most 0.05 (simulated from the "
+           "run's own units), with its {term}`positive control` met and no identity forcing the outcome; a "
+           "prediction that failed at a {term}`power` of at least 0.8, its control met, is {term}`not reproduced`; "
+           "everything else is {term}`implied` or {term}`inconclusive` and counts as evidence neither way, and "
+           "results of an earlier version of a registration are {term}`superseded`. Each prediction's verdicts "
+           "are split by the model of each run, so that a property of one model is not read as a property of DPO. "
+           + scope(rows), "", "## The verdict words", "", glossary(), ""]
     for key, paper in papers.items():
         mine = [r for r in rows if r["paper"] == key]
         if not mine:
@@ -185,58 +269,109 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
         out += [f"## {paper['title']}", "",
                 f"{paper['authors']}, {paper['venue']} (arXiv {paper['arxiv']}). What of it can be read here: "
                 f"{paper['readable']}.", "",
-                markdown_table(["claim", "what it claims", "this book", "by model (real-model predictions)", "section"],
-                               [[f"`{r['claim'].id}`", r["claim"].claim, r["short"], r["models"],
-                                 f"{{ref}}`{r['claim'].section}`"]
-                                for r in mine]),
-                "", "Each claim in detail:", ""]
+                markdown_table(["claim", "this book", "section"],
+                               [[f"{{ref}}`{r['claim'].id} <claim-{r['claim'].id}>`", r["short"], f"{{ref}}`{r['claim'].section}`"]
+                                for r in mine]), ""]
         for r in mine:
             c = r["claim"]
-            out.append(f"`{c.id}`\n: *Where:* {c.where}. *Claim:* {c.claim}." + (f" *Note:* {c.note}." if c.note else "")
-                       + "\n\n  " + "\n  ".join(f"- {s}" for s in r["standing"]) + "\n")
-        out.append("")
+            declared = DECLARED[c.status] + (f": {c.why}" if c.status == "not tested" else "")
+            out += [f"(claim-{c.id})=", f"### `{c.id}`", "",
+                    f"*Claim:* {c.claim}. *Where:* {c.where}." + (f" *Note:* {c.note}." if c.note else "")
+                    + (f" *Status:* {declared}." if declared else ""), ""]
+            if c.predictions:
+                out += [markdown_table(["prediction", "statistic; rule", "n at ci", "verdict in each run"],
+                                       prediction_rows(c, r["evidence"], registries[r["chapter"]])), ""]
+            later = later_lines(c.id)
+            if later:
+                out += ["Later work:", ""] + later + [""]
+            old = [e for e in r["evidence"] if e["superseded"]]
+            if old:
+                out += [folded(f"Superseded results ({len(old)})", "\n".join(
+                    f"- `{e['prediction']}` v{e['version']} in `{e['run']['label']}`: {e['status']}" for e in old)), ""]
+    out += ["## Registrations changed after they were made", "",
+            "Each change is a new version with its reason; results of earlier versions stay visible, superseded, "
+            "under their claim.", ""]
     changed = [(ch, pid, v) for ch in chapters for pid, v in registration_history(ch).items()]
-    out += ["## Registrations changed after they were made", ""]
     if not changed:
         out.append("No registered prediction has been changed since it was first committed.")
+    runs_by_chapter = {ch: chapter_runs(ch, live=False) for ch in chapters}
     for chapter, pid, versions in changed:
-        out += [f"- `{chapter}` / `{pid}`:"] + [
-            f"  - {v['commit']} ({v['date']}): version {v['registration'].get('version', 1)}, passes if "
-            f"`{v['registration']['passes_if']}`, n {v['registration']['n']}, effect {v['registration']['effect']}"
-            + (f"; reason: {v['registration']['reason']}" if v['registration'].get('reason') else "")
-            for v in versions]
+        out.append(f"- `{chapter}` / `{pid}`:")
+        for v in versions:
+            reg = v["registration"]
+            before = sorted({r["label"] for r in runs_by_chapter[chapter] for c in r["checks"]
+                             if c.get("prediction") and c["prediction"]["id"] == pid
+                             and c["prediction"].get("version", 1) < reg.get("version", 1)})
+            out.append(f"  - {v['commit']} ({v['date']}): version {reg.get('version', 1)}, passes if `{reg['passes_if']}`, "
+                       f"n {reg['n']}, effect {reg['effect']}" + (f"; reason: {reg['reason']}" if reg.get("reason") else "")
+                       + (f"; recorded runs of earlier versions: {', '.join(f'`{b}`' for b in before)}" if before else ""))
+    out += ["", "## The runs", "", folded("Every run this page cites, once", "\n".join(
+        f"- {ch}: {describe_run(run)}" for ch in chapters
+        for run in chapter_runs(ch))), ""]
     return "\n".join(out) + "\n"
+
+
+def folded(title: str, body: str) -> str:
+    """A block the reader opens on demand (sphinx-design's dropdown)."""
+    return f":::{{dropdown}} {title}\n{body}\n:::"
 
 
 README_START, README_END = "<!-- ledger-headline: start -->", "<!-- ledger-headline: end -->"
 
 
-def recorded_headline(chapters: list[str] | None = None) -> str:
-    """What the book has and has not reproduced, from the registries and the runs recorded with it
-    (never a live run, so the text is the same on every machine): the README's first screen."""
+def claim_verdict(r: dict) -> tuple[str, str, str]:
+    """A claim's verdict in a few words, its key number and the models and scales it rests on, from
+    its current real-model evidence (else its simulations, else its declared status)."""
+    c, found = r["claim"], [e for e in r["evidence"] if not e["superseded"]]
+    real = [e for e in found if e["setting"] == "real model"]
+    pool = real or found
+    words = [w for w in (REPRODUCED, NOT_REPRODUCED, IMPLIED, INCONCLUSIVE) if any(e["outcome"] == w for e in pool)]
+    if not pool:
+        verdict = DECLARED.get(c.status) or ("predictions not run" if c.predictions else "not tested")
+        return verdict, "—", "—"
+    counted = [w for w in words if w in (REPRODUCED, NOT_REPRODUCED)]
+    verdict = " and ".join(counted) if counted else (words[0] if words else "—")
+    verdict = (verdict.replace(IMPLIED, "implied by an identity") + ("" if real else " in simulation"))
+    key = next((e for w in (NOT_REPRODUCED, REPRODUCED, IMPLIED, INCONCLUSIVE) for e in pool if e["outcome"] == w))
+    number = f"`{key['prediction']}` {fmt(key['observed'])} (passes if {key['passes_if']})"
+    where = sorted({f"{e['run'].get('model') or '?'} {(e['run'].get('parameters') or {}).get('scale', '?')}"
+                    for e in real}) or ["simulation"]
+    return verdict, number, ", ".join(where)
+
+
+def recorded_headline(chapters: list[str] | None = None, compact: bool = False) -> str:
+    """What the book has and has not reproduced, per paper, from the registries and the runs recorded
+    with it (never a live run, so the text is the same on every machine): the landing page's verdict
+    tables, or (``compact``) the README's first screen."""
     rows = ledger_rows(chapters, live=False)
-    declared = {k: sum(r["claim"].status == k for r in rows) for k in ("derived", "reconstructed", "empirical", "not tested")}
-
-    reproduced = sorted(f"`{r['claim'].id}` ({', '.join(sorted({e['run']['label'] for e in here}))})"
-                        for r in rows if (here := of_kind(r["evidence"], REPRODUCED, "real model")))
-
-    def failed(setting: str) -> str:
-        results = {f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
-                   f"{e['passes_if']}{control_text(e)})": None for r in rows
-                   for e in of_kind(r["evidence"], NOT_REPRODUCED, setting)}   # a prediction may test two claims
-        return "; ".join(results) or "none"
-
-    untested = sum(1 for r in rows if r["claim"].predictions and not any(
-        e["outcome"] in (REPRODUCED, NOT_REPRODUCED) and not e["superseded"] for e in r["evidence"]))
-    out = [f"The chapters list {len(rows)} claims of the papers: {declared['derived']} derived and checked exactly, "
-           f"{declared['reconstructed']} reconstructed (the paper's statement could not be read; the book states "
-           f"its own), {declared['empirical']} empirical (about models and data only), {declared['not tested']} not "
-           "tested (each with its reason). In the runs recorded with the book:",
-           "", "- **reproduced on a real LLM**: " + ("; ".join(reproduced) or "none"),
-           "- **not reproduced on a real LLM**: " + failed("real model"),
-           "- **not reproduced in simulation**: " + failed("simulation"),
-           f"- {untested} claims with registered predictions have no adequately powered recorded run yet."]
-    return "\n".join(out)
+    papers = load_papers()
+    out = [scope(rows), ""]
+    for key, paper in papers.items():
+        mine = [r for r in rows if r["paper"] == key]
+        if not mine:
+            continue
+        verdicts = [(r, *claim_verdict(r)) for r in mine]
+        if compact:
+            groups: dict[str, list[str]] = {}
+            for r, verdict, *_ in verdicts:
+                groups.setdefault(verdict, []).append(f"`{r['claim'].id}`")
+            out.append(f"- **{paper['title']}** (arXiv {paper['arxiv']}): " +
+                       "; ".join(f"{verdict}: {', '.join(ids)}" for verdict, ids in groups.items()))
+            continue
+        tested = [v for v in verdicts if v[0]["claim"].status != "not tested"]
+        untested = [v for v in verdicts if v[0]["claim"].status == "not tested"]
+        out += [f"**{paper['title']}** ({paper['authors']}, arXiv {paper['arxiv']})", ""]
+        if tested:
+            out += [markdown_table(["claim", "verdict", "key number", "rests on"],
+                                   [[f"{{ref}}`{r['claim'].id} <claim-{r['claim'].id}>`", v, n, w] for r, v, n, w in tested]), ""]
+        if untested:
+            out += ["Not tested here: " + "; ".join(f"`{r['claim'].id}` ({r['claim'].why})" for r, *_ in untested), ""]
+    if compact:
+        failed = sorted({f"`{e['prediction']}` in `{e['run']['label']}` (measured {fmt(e['observed'])}, passes if "
+                         f"{e['passes_if']}{control_text(e)})" for r in rows for e in of_kind(r["evidence"], NOT_REPRODUCED, "real model")})
+        out += ["", "Not reproduced on a real LLM, with the control that shows the run could have shown it: " +
+                ("; ".join(failed) or "none") + "."]
+    return "\n".join(out).rstrip()
 
 
 def update_readme(path: Path) -> bool:
@@ -246,7 +381,7 @@ def update_readme(path: Path) -> bool:
         raise ValueError(f"{path} has no {README_START} … {README_END} block")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_START}\n{recorded_headline()}\n{README_END}{tail}"
+    new = f"{head}{README_START}\n{recorded_headline(compact=True)}\n{README_END}{tail}"
     if new != text:
         atomic_write(path, new)
     return new != text

@@ -21,7 +21,8 @@ from .runs import (
     load_meta,
     load_recorded_runs,
 )
-from .verify import render_table, summary_line
+from .reproduce import reproduce_parameters
+from .verify import drifted, render_table, summary_line
 
 PAGE = "reproducibility.md"
 SHOWN_PARAMETERS = ("scale", "device", "seed", "model", *DATA_PARAMETERS, "behaviours")
@@ -54,55 +55,95 @@ def _code(value) -> str:
     return f"`{value}`" if value not in (None, "") else "—"
 
 
-def _run_facts(meta: dict) -> str:
-    """A definition list of one run's parameters, environment and timing."""
+def run_command(chapter: str, meta: dict) -> str:
+    """The ``prefdyn run`` command line that makes a run with these parameters."""
+    params = meta.get("parameters", {})
+    extra = " ".join(f"-p {k} {json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items()
+                     if k not in ("scale", "device"))
+    return (f"prefdyn run {chapter} --scale {params.get('scale', 'ci')}"
+            + (f" --device {params['device']}" if params.get("device") else "") + (f" {extra}" if extra else ""))
+
+
+def _run_facts(meta: dict, command: str) -> str:
+    """A definition list of one run's parameters, environment and timing, and how to make it again."""
     params = effective_parameters(meta)
     shown = ", ".join(f"`{k}={params[k]}`" for k in SHOWN_PARAMETERS if k in params)
     others = ", ".join(f"`{k}={v}`" for k, v in params.items() if k not in SHOWN_PARAMETERS)
     packages = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items() if v)
+    device = meta.get("device_used") or "not recorded (the run predates this field)"
     lines = [f"Parameters\n: {shown}" + (f"; chapter-specific: {others}" if others else ""),
-             f"Hardware\n: {meta.get('hardware') or 'not recorded'}",
+             f"Device that ran it\n: {device}; hardware: {meta.get('hardware') or 'not recorded'}",
              f"Finished\n: {meta.get('finished', '—')}, after {meta.get('seconds', float('nan')):.0f} s",
              f"Software\n: Python {meta.get('python', '?')}; {packages}",
-             f"Git revision\n: {_code(meta.get('git')) if meta.get('git') else 'not recorded (not a git checkout)'}"]
+             f"Git revision\n: {_code(meta.get('git')) if meta.get('git') else 'not recorded (not a git checkout)'}",
+             f"Command\n: `{command}`"]
     if meta.get("data"):
         lines.append(f"Data\n: {meta['data']}")
+    for name, digest in (meta.get("data_sha256") or {}).items():
+        lines.append(f"Data checksum\n: `{name}` SHA-256 `{digest}`")
     return "\n\n".join(lines)
 
 
+def folded(title: str, body: str) -> str:
+    """A block the reader opens on demand (sphinx-design's dropdown)."""
+    return f":::{{dropdown}} {title}\n{body}\n:::"
+
+
 def reproducibility_markdown(chapters: list[str] | None = None) -> str:
-    """The report page as MyST markdown."""
+    """The report page as MyST markdown: every run once, its checks folded, its command, and the
+    recorded runs that the live run no longer reproduces."""
     chapters = chapters or chapter_ids()
     out = ["# Reproducibility report", "",
            "This page is written by `prefdyn book` from the run records of the notebooks in this build; "
            "nothing on it is typed by hand. The **live** run is the execution whose output you read in "
            "the chapter; a **recorded** run is any other finished execution (another scale, device, model "
            "or data set), kept with `prefdyn record <id> --label <label>` in `book/recorded/<id>/` with the "
-           "hardware and git revision it ran on. Identities and bounds pass or fail; a prediction, "
-           "registered before the run, is reproduced, not reproduced, implied by an identity or inconclusive (the verdict rule is on the ledger page).", "",
+           "hardware and git revision it ran on; `prefdyn reproduce <id> <label>` re-runs it with its exact "
+           "parameters and compares every number. Identities and bounds pass or fail; a prediction, "
+           "registered before the run, is reproduced, not reproduced, implied by an identity or inconclusive "
+           "(the verdict rule is on the ledger page).", "",
            "## At a glance", "",
-           "| chapter | live run | scale, device, time, date | recorded runs |", "|---|---|---|---|"]
+           "| chapter | live run | scale, device, time, date | recorded runs | `full` run |", "|---|---|---|---|---|"]
+    drift_lines, no_full = [], []
     for chapter in chapters:
         meta, recs = load_meta(chapter), load_recorded_runs(chapter)
         label = f"{{doc}}`{chapter.split('-')[0]} <{chapter}>`"
         if meta:
             params = {k: _plain(v) for k, v in effective_parameters(meta).items()}
             live = [summary_line(load_checks(chapter)["checks"]),
-                    f"{params.get('scale', '?')}, {params.get('device', '?')}, {meta['seconds']:.0f} s, "
-                    f"{meta['finished'][:10]}"]
+                    f"{params.get('scale', '?')}, {meta.get('device_used') or params.get('device', '?')}, "
+                    f"{meta['seconds']:.0f} s, {meta['finished'][:10]}"]
+            parameters = reproduce_parameters(meta)
+            for rec_label, rows in drifted(load_checks(chapter), recs, parameters).items():
+                if rows:
+                    drift_lines.append(f"- {label} / `{rec_label}`: {len(rows)} values not reproduced "
+                                       f"({', '.join(sorted(rows)[:5])}{', …' if len(rows) > 5 else ''})")
         else:
             live = ["not run", "—"]
-        recorded = "; ".join(f"`{r['label']}`" for r in recs) or "none"
-        out.append(f"| {label} | " + " | ".join(live + [recorded]) + " |")
+        full = [r["label"] for r in recs if r.get("parameters", {}).get("scale") == "full" and not r.get("legacy")]
+        if not full:
+            no_full.append(label)
+        out.append(f"| {label} | " + " | ".join(live + [str(len(recs)), ", ".join(f"`{f}`" for f in full) or "none"]) + " |")
+    out += ["", "## Drift", "",
+            "Recorded runs made with the same parameters as this build's live run, whose numbers the live "
+            "run no longer reproduces within the tolerance of `prefdyn reproduce`:", ""]
+    out += drift_lines or ["None."]
+    if no_full:
+        out += ["", f"No `full` run of the current code is recorded for {', '.join(no_full)}: their verdicts rest "
+                "on `ci` (and `smoke`) runs on a CPU."]
     for chapter in chapters:
         meta = load_meta(chapter)
         out += ["", f"## {chapter_title(chapter)}", "", f"Chapter: {{doc}}`{chapter}`.", "", "### Live run", ""]
         if meta is None:
             out.append("*Not executed in this build.*")
         else:
-            out += [_run_facts(meta), "", render_table(load_checks(chapter)["checks"])]
+            checks = load_checks(chapter)["checks"]
+            out += [_run_facts(meta, run_command(chapter, meta)), "",
+                    folded(f"Checks of the live run: {summary_line(checks)}", render_table(checks))]
         for rec in load_recorded_runs(chapter):
-            out += ["", f"### Recorded run `{rec['label']}`", "", _run_facts(rec), "", render_table(rec["checks"])]
+            out += ["", f"### Recorded run `{rec['label']}`", "",
+                    _run_facts(rec, f"prefdyn reproduce {chapter} {rec['label']}"), "",
+                    folded(f"Checks of `{rec['label']}`: {summary_line(rec['checks'])}", render_table(rec["checks"]))]
     return "\n".join(out) + "\n"
 
 

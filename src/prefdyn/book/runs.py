@@ -24,6 +24,7 @@ from ..store import atomic_write_json
 LIBRARY = Path(__file__).resolve().parents[1]
 CHAPTER_ENV = "PREFDYN_CHAPTER"       # set by the executor: the id of the chapter being executed
 CHECKS_ENV = "PREFDYN_CHECKS_PATH"    # set by the executor: where that chapter's checks JSON goes
+PARAMETERS_ENV = "PREFDYN_PARAMETERS"  # set by the executor: the run's every parameter, as JSON
 
 
 class ChapterError(RuntimeError):
@@ -95,6 +96,11 @@ def current_checks_path() -> Path | None:
     return Path(os.environ[CHECKS_ENV]) if os.environ.get(CHECKS_ENV) else None
 
 
+def current_parameters() -> dict | None:
+    """Every parameter of the run this kernel executes (given or default), or ``None`` by hand."""
+    return json.loads(os.environ[PARAMETERS_ENV]) if os.environ.get(PARAMETERS_ENV) else None
+
+
 def paths(chapter: str) -> dict[str, Path]:
     out = executed_dir()
     return {"notebook": out / f"{chapter}.ipynb", "checks": out / f"{chapter}.checks.json",
@@ -125,6 +131,20 @@ def run_identity(meta: dict) -> dict:
     model = params.get("model") or defaults.get("model")
     data = next((params[k] for k in DATA_PARAMETERS if params.get(k)), None)
     return {"model": model.strip('"') if isinstance(model, str) else model, "data": data}
+
+
+def data_checksum(path: Path) -> str:
+    """SHA-256 of a data file, or of a folder's files (their relative paths and contents, in sorted
+    order): what a recorded run keeps of the data it read from outside the package."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def is_failure(check: dict) -> bool:
@@ -175,8 +195,10 @@ def record(chapter: str, label: str, source: Path | None = None, hardware: str |
         raise ChapterError(f"the run of {chapter} was made from "
                            f"{'an unknown revision' if git is None else 'a tree with uncommitted changes'} "
                            f"({git}); commit and rerun it, or pass --allow-dirty to record it marked as such")
+    sums = {k: data_checksum(Path(str(v))) for k, v in meta.get("parameters", {}).items()
+            if k in DATA_PARAMETERS and v and Path(str(v)).expanduser().exists()}
     entry = {**meta, **checks, "label": label, "dirty": dirty, "hardware": hardware or meta.get("hardware"),
-             "data": data or run_identity(meta)["data"]}
+             "data": data or run_identity(meta)["data"], **({"data_sha256": sums} if sums else {})}
     return atomic_write_json(recorded_dir(chapter) / f"{label}.json", entry)
 
 

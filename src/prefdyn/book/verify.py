@@ -30,7 +30,8 @@ from ..stats import simulated_pass_rate
 from ..store import atomic_write_json
 from .glue import glue_markdown, glue_value, markdown_table
 from .registry import ADEQUATE_POWER, MAX_FALSE_PASS, Registry, load_registry
-from .runs import chapter_ids, current_chapter, current_checks_path, is_failure, load_checks, load_recorded_runs
+from .runs import (chapter_ids, current_chapter, current_checks_path, current_parameters, is_failure, load_checks,
+                   load_recorded_runs)
 
 BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
 KINDS = ("prediction", "identity", "bound")
@@ -188,35 +189,69 @@ def reported_value(r: dict) -> str:
     return text
 
 
-def runs_table(live: dict, recorded: list[dict]) -> str:
+def same_parameters(a: dict, b: dict) -> bool:
+    """Two runs made with the same parameters (the device aside): a recorded run the live one should reproduce."""
+    drop = lambda p: {k: v for k, v in p.items() if k != "device"}
+    return drop(a) == drop(b)
+
+
+def drifted(live: dict, recorded: list[dict], parameters: dict | None) -> dict[str, set[str]]:
+    """For each recorded run made with the live run's ``parameters``, the rows (``check: <key>`` /
+    ``reported: <name>``) whose values the live run no longer reproduces within the tolerance of
+    :mod:`prefdyn.book.reproduce`."""
+    from .reproduce import compare, reproduce_parameters
+
+    if parameters is None:
+        return {}
+    return {r["label"]: {d.row for d in compare(r, live)} for r in recorded
+            if not r.get("legacy") and same_parameters(reproduce_parameters(r), parameters)}
+
+
+def runs_table(live: dict, recorded: list[dict], parameters: dict | None = None) -> str:
     """This run beside every recorded run of the chapter: rows are checks and reported values,
-    columns runs; a cell is the measurement and its result (``—`` where a run lacks the row)."""
+    columns runs; a cell is the measurement and its result (``—`` where a run lacks the row). Only
+    rows on which the runs differ are shown. A recorded run made with this run's ``parameters``
+    should be reproduced: its cells that this run no longer reproduces within the tolerance are
+    marked *drift*. Below the table, each recorded run in a line, with the command that re-runs it."""
     runs = [("this run", live)] + [(f"`{r['label']}`", r) for r in recorded]
-    rows: dict[str, list[str]] = {}
-    order: list[tuple[str, str]] = []
+    drift = drifted(live, recorded, parameters)
+    rows: dict[tuple[str, str], list[str]] = {}
+    order: list[tuple[tuple[str, str], str]] = []
     for j, (_, run) in enumerate(runs):
+        marked = drift.get(run.get("label"), set()) if j else set()
         for c in run["checks"]:
             key = ("check", check_key(c))
             if key not in rows:
                 rows[key] = ["—"] * len(runs)
                 order.append((key, c["claim"]))
-            rows[key][j] = f"{fmt(c['observed'])} ({c['status']})"
+            rows[key][j] = f"{fmt(c['observed'])} ({c['status']})" + (" *drift*" if f"check: {key[1]}" in marked else "")
         for r in run.get("reported", []):
             key = ("reported", r["name"])
             if key not in rows:
                 rows[key] = ["—"] * len(runs)
                 order.append((key, f"reported: {r['description'] or r['name']}"))
-            rows[key][j] = reported_value(r)
-    table = markdown_table(["row"] + [name for name, _ in runs], [[label] + rows[key] for key, label in order])
-    legend = [f"- `{r['label']}`: " + run_facts(r) for r in recorded]
-    return table + ("\n\nRecorded runs:\n\n" + "\n".join(legend) if legend else
-                               "\n\n*No other run of this chapter has been recorded.*")
+            rows[key][j] = reported_value(r) + (" *drift*" if f"reported: {key[1]}" in marked else "")
+    shown = [(key, label) for key, label in order if len(set(rows[key])) > 1]
+    hidden = len(order) - len(shown)
+    table = markdown_table(["row"] + [name for name, _ in runs], [[label] + rows[key] for key, label in shown]) \
+        if shown else "*Every run shows the same values.*"
+    notes = [f"{hidden} row{'s' if hidden != 1 else ''} on which every run agrees {'are' if hidden != 1 else 'is'} not shown."] \
+        if hidden and shown else []
+    notes += [f"`{label}` was made with this run's parameters: " +
+              (f"{len(rows_)} of its values are not reproduced within the tolerance (marked *drift*)."
+               if rows_ else "every value is reproduced within the tolerance.")
+              for label, rows_ in drift.items()]
+    chapter = live.get("chapter") or "<chapter>"
+    legend = [f"- `{r['label']}`: " + run_facts(r) + f"; rerun: `prefdyn reproduce {chapter} {r['label']}`"
+              for r in recorded]
+    return "\n\n".join([table] + notes) + ("\n\nRecorded runs:\n\n" + "\n".join(legend) if legend else
+                                           "\n\n*No other run of this chapter has been recorded.*")
 
 
 def run_facts(rec: dict) -> str:
     """One line saying how a recorded run was made."""
     p = rec.get("parameters", {})
-    data = rec.get("data") or p.get("data_dir") or "the book's own data"
+    data = rec.get("data") or p.get("data_dir") or "the packaged data"
     git = rec.get("git") or "revision not recorded"
     return (f"scale `{p.get('scale', '?')}` on {rec.get('hardware') or 'unrecorded hardware'}, model "
             f"`{rec.get('model') or p.get('model', 'the default')}`, data: {data}; git `{git}`, "
@@ -387,7 +422,7 @@ class Verification:
         if run is not None:
             glue_value("run_scale", run.scale)
             glue_value("run_device", str(run.device))
-            glue_markdown("recorded", runs_table(record, load_recorded_runs(self.chapter)))
+            glue_markdown("recorded", runs_table(record, load_recorded_runs(self.chapter), current_parameters()))
         glue_markdown(glue_name, self.table())
         glue_value("verification_summary", summary_line(record["checks"]))
         checks_path = current_checks_path()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -79,12 +80,21 @@ class Policy:
 
 
 def _file_digest(path: Path, full: bool = False) -> str:
-    """SHA-256 of a file: the first 16 hex digits, or all of them with ``full``."""
+    """SHA-256 of a file: the first 16 hex digits, or all of them with ``full``. Hashed once per
+    process for a given file (its inode, size and modification time): resolving a spec and loading
+    its dequantised copy no longer read the 538 MB file again at every load."""
+    st = os.stat(path)
+    digest = _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    return digest if full else digest[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest() if full else h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -13,8 +13,9 @@ make on the whole batch. The objectives are thin wrappers that build ``loss_fn``
   implicit reward: DPO's β, and for IPO β = 1/τ (Azar et al.'s τ, which TRL calls ``beta`` for
   ``ipo``), the notation of Chen et al. that chapter 4 uses;
 * :func:`train_sft`: the mean per-token negative log-likelihood of demonstrations;
-* :func:`train_candidate_table`: a loss of the candidate log-probabilities of single-token answers
-  (the tabular world of chapter 4 on a real model).
+* :func:`fit_candidate_table`: a loss of the candidate log-probabilities of single-token answers
+  (the tabular world of chapter 4 on a real model), minimised with L-BFGS rather than the loop's
+  Adam steps, to the round's minimum.
 
 Which weights train is set beforehand: :func:`train_only_top_blocks` freezes all but the top
 blocks; :func:`lora_adapters` gives the model low-rank adapters (:mod:`peft`) to train instead and
@@ -141,18 +142,20 @@ class ReferenceLogps:
 
 def preference_loss(loss: str, beta: float) -> Callable[..., Tensor]:
     """``ell(policy_chosen, policy_rejected, reference_chosen, reference_rejected)`` of ``loss``:
-    :func:`prefdyn.objectives.dpo_loss` at ``beta``, or :func:`prefdyn.objectives.ipo_loss` at
-    ``tau = 1/beta`` (so the IPO target margin is ``1/(2 tau) = beta/2``)."""
+    :func:`prefdyn.objectives.dpo_loss` or :func:`prefdyn.objectives.ipo_loss` (target margin ``beta/2``)
+    at ``beta``, checked here, once, where it enters training."""
+    objectives.require_positive("beta", beta)
     if loss == "dpo":
         return lambda *logps: objectives.dpo_loss(*logps, beta=beta)
     if loss == "ipo":
-        return lambda *logps: objectives.ipo_loss(*logps, tau=1.0 / beta)
+        return lambda *logps: objectives.ipo_loss(*logps, beta=beta)
     raise ValueError(f"loss={loss!r} is not one of {PREFERENCE_LOSSES}")
 
 
 def implicit_margin_scale(loss: str, beta: float) -> float:
-    """The factor turning the log-ratio difference into the implicit reward margin: ``beta`` for DPO,
-    ``tau = 1/beta`` for IPO (whose optimum is ``pi_ref exp(r / tau)``, Azar et al. Sec. 5)."""
+    """The factor turning the log-ratio difference into the implicit reward margin: ``beta`` for DPO
+    (optimum ``pi_ref exp(r / beta)``), ``1/beta`` for IPO (optimum ``pi_ref exp(beta P mu)``, so the
+    reward it implies is the log-ratio over ``beta``)."""
     return beta if loss == "dpo" else 1.0 / beta
 
 
@@ -204,7 +207,8 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
                       evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
                       bucket: int = 1, length_normalised: bool = False, progress: bool = True) -> list[dict]:
     """DPO or IPO on ``pairs`` with :func:`optimise`; one record per step (``loss``, ``train_margin``,
-    ``train_reward_accuracy``, and what ``evaluate`` returns).
+    ``train_reward_accuracy``, ``train_chosen_shift`` — the batch's mean ``log pi(y_w|x) - log pi_ref(y_w|x)``
+    before the step — and what ``evaluate`` returns).
 
     ``beta`` is DPO's β, or for ``loss="ipo"`` the inverse of IPO's τ (see :func:`preference_loss`).
     ``length_normalised`` scores each response by its mean token log-probability instead of its
@@ -231,7 +235,8 @@ def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dp
         ref = reference.chosen[index].to(device), reference.rejected[index].to(device)
         margins = objectives.reward_margins(chosen.detach(), rejected.detach(), *ref, scale)
         return ell(chosen, rejected, *ref), {"train_margin": margins,
-                                             "train_reward_accuracy": (margins > 0).to(torch.float64)}
+                                             "train_reward_accuracy": (margins > 0).to(torch.float64),
+                                             "train_chosen_shift": chosen.detach() - ref[0]}
 
     return optimise(policy.model, loss_fn, batch_indices(encoded.lengths, batch_size, seed, bucket), steps=steps,
                     lr=lr, evaluate=evaluate, eval_every=eval_every, progress=progress, desc=f"{loss} training")
@@ -254,18 +259,34 @@ def train_sft(policy: Policy, prompts: Sequence[str], completions: Sequence[str]
     return [r["loss"] for r in history[:-1]]
 
 
-def train_candidate_table(policy: Policy, prompts: Sequence[str], candidate_ids: Sequence[int],
-                          loss: Callable[[Tensor], Tensor], *, steps: int, lr: float, reduction: str = "mean",
-                          prefix=None) -> list[float]:
-    """Full-batch :func:`optimise` steps on ``loss(candidate_logps)``, the per-prompt losses of the
-    ``(prompts, K)`` candidate log-probabilities (:func:`prefdyn.llm.logps.candidate_logps`; on the
-    :class:`~prefdyn.llm.features.FrozenPrefix` ``prefix`` when given). Returns the loss before every step."""
-    def loss_fn(model, index):
-        return loss(candidate_logps(model, policy.tokenizer, prompts, candidate_ids, policy.device, prefix))
+def fit_candidate_table(policy: Policy, prompts: Sequence[str], candidate_ids: Sequence[int],
+                        loss: Callable[[Tensor], Tensor], *, iterations: int, history: int = 10,
+                        prefix=None) -> list[float]:
+    """Minimise ``loss(candidate_logps).sum()`` (the per-prompt losses of the ``(prompts, K)``
+    candidate log-probabilities, :func:`prefdyn.llm.logps.candidate_logps`; on the
+    :class:`~prefdyn.llm.features.FrozenPrefix` ``prefix`` when given) over the trainable weights by
+    ``iterations`` iterations of L-BFGS with a strong-Wolfe line search (:class:`torch.optim.LBFGS`),
+    full batch, in one process. The loss is a function of ``K`` numbers per prompt, so near the
+    weights it is close to a quadratic of low rank, which L-BFGS minimises in a few iterations where
+    Adam's steps of fixed size would circle the minimum. Returns the loss at every evaluation."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, history_size=history,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)
+    losses: list[float] = []
 
-    history = optimise(policy.model, loss_fn, itertools.repeat(torch.arange(len(prompts))), steps=steps, lr=lr,
-                       reduction=reduction)
-    return [r["loss"] for r in history[:-1]]
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        with forward_precision(policy.device):
+            value = loss(candidate_logps(policy.model, policy.tokenizer, prompts, candidate_ids, policy.device,
+                                         prefix)).sum()
+        value.backward()
+        losses.append(value.item())
+        return value
+
+    policy.model.train()
+    optimizer.step(closure)
+    policy.model.eval()
+    return losses
 
 
 def train_only_top_blocks(model: torch.nn.Module, n_blocks: int | None) -> int:
@@ -290,11 +311,12 @@ def train_only_top_blocks(model: torch.nn.Module, n_blocks: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int):
+def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int, dropout: float = 0.0):
     """Freeze ``model`` and give its query and value projections LoRA adapters (Hu et al. 2021):
     each adapted weight becomes ``W + (alpha / r) B A`` with ``A`` (``r x d_in``) drawn from
     ``seed`` and ``B`` (``d_out x r``) zero, so the adapted model starts as the model itself, and only
-    ``A`` and ``B`` train. The configuration is :class:`peft.LoraConfig` (no dropout) with peft's
+    ``A`` and ``B`` train. The configuration is :class:`peft.LoraConfig` (``dropout`` on the adapters'
+    input while training, 0 by default; the authors' ``DPO_training.py`` uses 0.05) with peft's
     default targets for the model's architecture, its query and value projections (``q_proj`` and
     ``v_proj`` in Llama, Mistral and Gemma 3, as :meth:`~torch.nn.Module.named_modules` lists them).
 
@@ -307,9 +329,11 @@ def lora_adapters(model: torch.nn.Module, r: int, alpha: float, seed: int):
 
     if any(isinstance(x, bool) or not isinstance(x, kind) or x <= 0 for x, kind in ((r, int), (alpha, (int, float)))):
         raise ValueError(f"LoRA needs a positive integer rank r and a positive alpha (got r={r!r}, alpha={alpha!r})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
         torch.manual_seed(seed)                                       # the caller's generators stay as they were
         # peft asks transformers 5 for a renamed attribute; the deprecation note is not the reader's business
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0))
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout))

@@ -26,8 +26,9 @@ an MDP, Sec. 3 derives the algorithms; its experiments are Sec. 4). The chapter
 * **Best-of-N** (the paper's evaluation, Sec. 4): :func:`best_of_n_distribution` (exact pmf
   ``F(y)^N - F^-(y)^N``, shared within reward ties in proportion to ``pi``), :func:`bon_kl` (its KL
   from ``pi``), :func:`bon_kl_bound` (``log N - (N-1)/N``, Beirami et al. 2024, Thm. 3.1; strict on a
-  finite set for ``N >= 2``) and :func:`expected_best_of_n` (the unbiased order-statistics estimator
-  from a pool of ``M >= N`` samples).
+  finite set for ``N >= 2``), :func:`pool_bon_kl` (the exact KL on a pool's empirical distribution)
+  and :func:`expected_best_of_n` (the unbiased order-statistics estimator from a pool of ``M >= N``
+  samples).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import objectives
+from .. import objectives, tabular
 
 # --------------------------------------------------------------------------------------------
 # 1. The enumerable autoregressive toy
@@ -309,6 +310,26 @@ def fit_bradley_terry(preferred: Tensor, dispreferred: Tensor, l2: float = 0.0) 
     return fit_logistic(diff, -diff, l2=l2)
 
 
+def kl_divergence(log_q: Tensor, log_p: Tensor) -> float:
+    """``KL(q || p) = sum_y q(y) (log q(y) - log p(y))`` of two distributions on one finite set, given
+    by their log-probabilities."""
+    q = log_q.exp()
+    return (torch.special.xlogy(q, q) - q * log_p).sum().item()
+
+
+def expected_reward(log_q: Tensor, reward: Tensor) -> float:
+    """``J(q) = E_{y ~ q}[r(y)]``, the frozen-discriminator objective of the chapter's
+    prop-frozen-discriminator, for a distribution given by its log-probabilities."""
+    return (log_q.exp() * reward).sum().item()
+
+
+def leashed_optimum(log_pi: Tensor, reward: Tensor, lam: float) -> Tensor:
+    """``log q_lambda``, ``q_lambda ∝ pi exp(lambda r)``: the maximiser of ``J(q) - KL(q || pi)/lambda``
+    (chapter, prop-frozen-discriminator item 3), the RLHF optimum with reference ``pi`` and
+    ``beta = 1/lambda`` (:func:`prefdyn.tabular.rlhf_optimum`)."""
+    return tabular.rlhf_optimum(log_pi, reward, beta=1 / lam)
+
+
 def extrapolate(log_pi_sft: Tensor, log_pi_init: Tensor, lam: float) -> Tensor:
     """``log`` of ``pi_SFT^{1+lam} pi_0^{-lam} / Z``: the optimum of KL-regularised optimisation from
     ``pi_SFT`` with strength ``1/lam`` and reward ``log pi_SFT - log pi_0`` (chapter, thm-extrapolation)."""
@@ -364,6 +385,19 @@ def bon_kl(log_p: Tensor, reward: Tensor, N: int) -> float:
     """``KL(pi_N || p)`` of the Best-of-N distribution (:func:`best_of_n_distribution`) from ``p``."""
     bon = best_of_n_distribution(log_p, reward, N)
     return (torch.special.xlogy(bon, bon) - bon * log_p).sum().item()
+
+
+def pool_bon_kl(reward: np.ndarray, N: int) -> np.ndarray:
+    """``KL(pi_N || p)`` for each row of a pool (shape ``(prompts, M)``), ``p`` the pool's empirical
+    distribution (each of its ``M`` samples an atom of mass ``1/M``) and ``pi_N`` Best-of-N drawn from
+    it (:func:`bon_kl`; equal rewards, such as a response sampled twice, form one reward class).
+    It is exact for that distribution and at most :func:`bon_kl_bound`; as an estimate of the KL
+    of Best-of-N from the policy that produced the pool it errs low, the more so as ``N`` nears
+    ``M`` (the pool has no tail beyond its ``M`` samples)."""
+    reward = np.atleast_2d(np.asarray(reward, float))
+    P, M = reward.shape
+    uniform = torch.full((M,), -math.log(M), dtype=torch.float64)
+    return np.array([bon_kl(uniform, torch.as_tensor(row, dtype=torch.float64), N) for row in reward])
 
 
 def bon_kl_bound(N: int | np.ndarray) -> np.ndarray | float:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..stats import spearman  # the book's one Spearman correlation, used here and by chapter 3 as dyn.spearman
+
 #: ``u^T u`` for ``u = e_Yes - e_No``: the factor 2 in ``h = 2 beta s v^T g``.
 U_NORM_SQ = 2.0
 
@@ -129,7 +131,7 @@ class Trajectory:
 
 def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, groups=None,
                    ref_logodds: Tensor | None = None, batch_size: int | None = None,
-                   fresh_batches: bool = False, seed: int = 0) -> Trajectory:
+                   fresh_batches: bool = False, seed: int = 0, every: int = 1) -> Trajectory:
     """Train ``v`` (the head ``W_ref + u v^T``) by SGD on the DPO loss over fixed features.
 
     ``batch_size=None`` is full-batch gradient descent (the setting of the exact theorems); else a
@@ -138,14 +140,15 @@ def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, g
     ``next(iter(DataLoader(shuffle=True)))`` at every step). ``groups`` (one label per example, e.g.
     the behaviour) makes every logged quantity per group as well; the groups are listed in order of
     first appearance. Training is joint over all examples in every case; the logged quantities are
-    :func:`trajectory_metrics` on the training examples."""
+    :func:`trajectory_metrics` on the training examples, at steps ``0, every, 2 every, ...`` and the last
+    (``every=1``: every step; a long run on many statements keeps memory small with a larger one)."""
     s = _signs(s)
     n, d = features.shape
     v = torch.zeros(d, dtype=features.dtype)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     vs = [v]
-    for _ in range(steps):
+    for t in range(1, steps + 1):
         if batch_size is None or batch_size >= n:
             batch = slice(None)
         elif fresh_batches:
@@ -155,7 +158,8 @@ def last_layer_dpo(features: Tensor, s, *, beta: float, lr: float, steps: int, g
                 order += torch.randperm(n, generator=gen).tolist()
             batch, order = order[:batch_size], order[batch_size:]
         v = dpo_step(v, features[batch], s[batch], beta, lr)
-        vs.append(v)
+        if t % every == 0 or t == steps:
+            vs.append(v)
     return trajectory_metrics(torch.stack(vs), features, s, beta=beta, groups=groups, ref_logodds=ref_logodds)
 
 
@@ -187,11 +191,9 @@ def trajectory_metrics(V: Tensor, features: Tensor, s, *, beta: float, groups=No
 def smoothness(features: Tensor, beta: float, groups=None) -> float:
     """``L = beta^2 lambda_max(E[g g^T])`` (the largest over ``groups`` when given): the mean DPO loss is
     ``L``-smooth in ``v``, because its Hessian ``4 beta^2 E[sigma(h) sigma(-h) g g^T]`` is at most
-    ``beta^2 E[g g^T]`` (``sigma(h) sigma(-h) <= 1/4``). A step ``lr`` on ``W`` moves ``v`` by ``lr/2`` times
-    ``-grad_v`` (:func:`dpo_step`: ``grad_v ell = -2 beta sigma(-h) s g``), so by the descent lemma
-    full-batch gradient descent with ``lr < 4/L`` never increases the loss. A large mean shared by all
-    features makes ``L`` large (``L >= beta^2 ||E g||^2``), which is why a big step oscillates on real
-    embeddings."""
+    ``beta^2 E[g g^T]`` (``sigma(h) sigma(-h) <= 1/4``). A large mean shared by all features makes ``L``
+    large (``L >= beta^2 ||E g||^2``), which is why a big step oscillates on real embeddings; the step
+    that follows from it is :func:`stable_step_bound`."""
     labels = list(groups) if groups is not None else [0] * len(features)
     out = 0.0
     for name in dict.fromkeys(labels):
@@ -199,6 +201,34 @@ def smoothness(features: Tensor, beta: float, groups=None) -> float:
         x = features[idx]
         out = max(out, torch.linalg.eigvalsh(x.T @ x / len(x))[-1].item())
     return beta**2 * out
+
+
+def descent_step_bound(L: float) -> float:
+    """The one stability statement of chapters 2 and 3: for a last layer's loss that is ``L``-smooth in
+    ``v`` (``W = W_ref + u v^T``), a step ``lr`` on the head moves ``v`` by ``lr/2`` times ``-grad_v``, so
+    the descent lemma gives ``L(v_{t+1}) <= L(v_t) - (lr/2)(1 - L lr/4) ||grad_v L(v_t)||^2``: the loss
+    never rises for ``lr <= 4/L`` (chapter 2, thm-ch2-rate part 4). For DPO ``L`` is :func:`smoothness`
+    (the logistic loss's curvature is at most 1/4); chapter 3 passes IPO's ``8 L`` (curvature 2)."""
+    if not L > 0:
+        raise ValueError(f"L={L!r} must be positive (a smoothness constant)")
+    return 4.0 / L
+
+
+def stable_step_bound(features: Tensor, beta: float, groups=None) -> float:
+    """The largest step ``lr`` on the head for which full-batch gradient descent on last-layer DPO
+    over ``features`` provably never raises the loss: ``4 / L`` with ``L`` = :func:`smoothness` (the
+    largest over ``groups``, so the bound holds for every group trained alone and, since the pooled
+    second moment is an average of the groups', for all of them trained jointly).
+
+    Chapter 2, thm-ch2-rate part 4: a step ``lr`` on ``W = W_ref + u v^T`` moves ``v`` by ``lr/2`` times
+    ``-grad_v L`` (:func:`dpo_step`, because ``grad_v ell = -2 beta sigma(-h) s g``), so the descent lemma
+    for an ``L``-smooth loss gives ``L(v_{t+1}) <= L(v_t) - (lr/2)(1 - L lr/4) ||grad_v L(v_t)||^2``,
+    which is at most ``L(v_t)`` exactly when ``lr <= 4/L``. (``2/L`` is the bound for a step ``lr`` taken
+    on ``v`` itself; the head's step is half that on ``v``.) Below this bound the gradient norm also never
+    grows (co-coercivity of the convex loss), so the loss falls by at most the first step's
+    first-order drop at every step (:func:`first_order_drops`). Chapters 2 and 3 set their last-layer
+    steps as a fraction of it."""
+    return descent_step_bound(smoothness(features, beta, groups))
 
 
 def resampled_losses_after(features: Tensor, s, groups, weights, *, beta: float, lr: float, steps: int,
@@ -327,6 +357,24 @@ def joint_first_step_gains(features: Tensor, s, groups, beta: float, lr: float) 
         idx = torch.tensor([i for i, g in enumerate(labels) if g == name])
         out[name] = lr * beta**2 * torch.dot(m_bar, signed_mean(features[idx], sign[idx])).item()
     return out
+
+
+def first_order_drops(features: Tensor, s, groups, beta: float, lr: float, joint: bool = False) -> np.ndarray:
+    """The first-order loss drop of the first full-batch step for every group (in order of first
+    appearance): each group trained *alone*, ``lr beta^2 ||m_k||^2 / 2`` (thm-ch2-rate part 3,
+    :func:`first_order_loss_drop`), or all trained *jointly*, ``lr beta^2 <m_bar, m_k> / 2``, half the
+    step-1 margin gain of :func:`joint_first_step_gains` (thm-ch2-priority), negative for a group the
+    first step makes worse. Trained alone at ``lr <= 4/L`` the drop after ``T`` steps is at most ``T``
+    times this (:func:`stable_step_bound`): the *first-order ratio* ``drop_T / (T drop_1)`` is at most 1."""
+    labels = list(groups)
+    sign = _signs(s)
+    m_bar = signed_mean(features, sign)
+    out = []
+    for name in dict.fromkeys(labels):
+        idx = torch.tensor([i for i, g in enumerate(labels) if g == name])
+        m_k = signed_mean(features[idx], sign[idx])
+        out.append(lr * beta**2 * torch.dot(m_bar if joint else m_k, m_k).item() / 2)
+    return np.array(out)
 
 
 def priority_gap(delta_i: Tensor, delta_j: Tensor) -> tuple[float, float]:
@@ -478,8 +526,176 @@ def stratified_resample(s, groups, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(out)
 
 
-def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    from scipy.stats import spearmanr
+# --------------------------------------------------------------------------------------------------
+# What the step-1 identities force after T steps
+# --------------------------------------------------------------------------------------------------
+#
+# Each unit k (a behaviour, or a behaviour within a jointly trained pair) has a first-order drop D1_k
+# fixed by an identity at step 1 (first_order_drops) and a measured drop after T steps. Its first-order
+# ratio is r_k = drop_k / (T D1_k). If every ratio lies in a band [a, b], each drop lies in the interval
+# T D1_k [a, b], and an outcome that holds for every choice of drops in those intervals is forced by the
+# identity: the run could not have shown anything else once it was that close to first order. The
+# functions below compute the least value of a statistic over the intervals; a registered prediction
+# whose least value still passes is *implied by* the identity, not evidence about the model.
 
-    return float(spearmanr(np.asarray(x, float), np.asarray(y, float)).statistic)
+def first_order_intervals(first_order, drops, steps: int, clear: float = 0.1) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """``(lo, hi, (a, b))``: for every unit the interval ``steps * first_order_k * [a, b]`` (ends sorted)
+    in which its drop lies, where ``[a, b]`` is the band of the first-order ratios ``drops_k / (steps *
+    first_order_k)`` over the *clear* units, those with ``|first_order_k| >= clear * max |first_order|``.
+    A unit whose first-order drop is not clear is given ``(-inf, inf)``: its drop is set by the terms
+    beyond first order, so the identity forces nothing about it."""
+    D1, drops = np.asarray(first_order, float), np.asarray(drops, float)
+    if D1.shape != drops.shape or D1.ndim != 1 or steps < 1:
+        raise ValueError("first_order and drops must be 1-d arrays of the same length, steps >= 1")
+    keep = np.abs(D1) >= clear * np.abs(D1).max()
+    ratios = drops[keep] / (steps * D1[keep])
+    a, b = float(ratios.min()), float(ratios.max())
+    ends = np.stack([steps * D1 * a, steps * D1 * b])
+    lo, hi = ends.min(0), ends.max(0)
+    lo[~keep], hi[~keep] = -np.inf, np.inf
+    return lo, hi, (a, b)
+
+
+def _least_rank_correlation(rx: np.ndarray, lo: np.ndarray, hi: np.ndarray, counts: np.ndarray,
+                            max_states: int) -> float | None:
+    """The least Spearman correlation (Pearson of average ranks) between units with x-ranks ``rx`` and
+    values ``y_k`` that may lie anywhere in ``[lo_k, hi_k]``, unit ``k`` repeated ``counts[k]`` times
+    (tied copies, as in a bootstrap resample); ``None`` if the search needs more than ``max_states``.
+
+    An order of the y-values (lowest first) is possible iff no unit comes before one that must lie
+    below it (``hi_f < lo_e``); each possible order is attained by giving every unit the larger of its
+    ``lo`` and the value before it. The variance of average ranks depends only on the tie counts, so the
+    least correlation is the least ``S = sum_k counts_k rx_k ry_k``, with ``ry_k = (copies placed below k)
+    + (counts_k + 1)/2``: a dynamic programme over the sets of units already placed (those that can be
+    placed lowest first), few when the intervals overlap little."""
+    n = len(rx)
+    N = counts.sum()
+    memo: dict[int, float] = {}
+    full = (1 << n) - 1
+
+    def best(mask: int, below: float) -> float:
+        if mask == full:
+            return 0.0
+        if mask in memo:
+            return memo[mask]
+        if len(memo) > max_states:
+            raise OverflowError
+        rest = [k for k in range(n) if not mask >> k & 1]
+        his = sorted((hi[k], k) for k in rest)
+        value = np.inf
+        for e in rest:
+            floor = his[1][0] if his[0][1] == e and len(his) > 1 else (his[0][0] if his[0][1] != e else np.inf)
+            if lo[e] <= floor:
+                value = min(value, counts[e] * rx[e] * (below + (counts[e] + 1) / 2)
+                            + best(mask | 1 << e, below + counts[e]))
+        memo[mask] = value
+        return value
+
+    try:
+        S = best(0, 0.0)
+    except OverflowError:
+        return None
+    w = counts / N
+    mean_x = w @ rx
+    var_x = w @ (rx - mean_x) ** 2
+    var_y = (N * N - 1) / 12 - (counts ** 3 - counts).sum() / (12 * N)
+    if var_x <= 0 or var_y <= 0:
+        return float("nan")
+    return float((S / N - mean_x * (N + 1) / 2) / np.sqrt(var_x * var_y))
+
+
+def _daniels_bound(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """Daniels' inequality ``rho_s >= (3 tau - 1) / 2`` (Daniels 1950) with Kendall's ``tau`` at its least:
+    every pair whose intervals overlap (or whose ``x`` tie) counted discordant."""
+    n, score = len(x), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = (i, j) if x[i] < x[j] else (j, i)
+            score += 1 if (x[i] != x[j] and hi[a] < lo[b]) else -1
+    tau = score / (n * (n - 1) / 2)
+    return max(-1.0, (3 * tau - 1) / 2)
+
+
+def least_spearman(x, lo, hi, max_states: int = 50000) -> float:
+    """The least Spearman correlation of ``x`` with values ``y_k`` that may lie anywhere in
+    ``[lo_k, hi_k]``: exact (:func:`_least_rank_correlation`) where its search needs at most
+    ``max_states`` states, else Daniels' bound ``(3 tau_min - 1)/2``, which is below it. A statistic
+    ``spearman(x, y) >= c`` is forced by the intervals iff this is ``>= c``."""
+    from scipy.stats import rankdata
+
+    x, lo, hi = (np.asarray(a, float) for a in (x, lo, hi))
+    least = _least_rank_correlation(rankdata(x), lo, hi, np.ones(len(x)), max_states)
+    return _daniels_bound(x, lo, hi) if least is None else least
+
+
+def least_spearman_lower_bound(x, lo, hi, seed: int, n_boot: int = 200, max_states: int = 3000) -> float:
+    """The least value of :func:`prefdyn.stats.spearman_lower_bound` (``seed``, ``n_boot``: the same
+    resamples of the units) when every ``y_k`` may lie anywhere in ``[lo_k, hi_k]``: the 2.5% quantile,
+    over the resamples, of each resample's least Spearman correlation (a resample whose search needs
+    more than ``max_states`` states counts as -1). It is below the statistic whatever the ``y_k``, since every
+    resample's correlation is at least its least value."""
+    from scipy.stats import rankdata
+
+    x, lo, hi = (np.asarray(a, float) for a in (x, lo, hi))
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    least = []
+    for row in idx:
+        units, counts = np.unique(row, return_counts=True)
+        if len(units) < 2 or len(np.unique(x[units])) < 2:
+            least.append(np.nan)
+            continue
+        rx_all = rankdata(x[row])
+        rx = np.array([rx_all[row == u][0] for u in units])
+        value = _least_rank_correlation(rx, lo[units], hi[units], counts.astype(float), max_states)
+        least.append(-1.0 if value is None else value)
+    return float(np.nanquantile(least, 0.025))
+
+
+def forced_sign_share(lo, hi, predicted_sign) -> float:
+    """The share of units whose interval lies wholly on the side of 0 that ``predicted_sign`` names:
+    the least share of sign agreements the intervals allow."""
+    lo, hi, sign = (np.asarray(a, float) for a in (lo, hi, predicted_sign))
+    return float(np.mean(np.where(sign > 0, lo > 0, hi < 0)))
+
+
+def forced_pair_share(lo_a, hi_a, lo_b, hi_b, predicted_sign) -> float:
+    """For pairs ``(a, b)`` whose drops lie in ``[lo_a, hi_a]`` and ``[lo_b, hi_b]``: the share of pairs
+    in which ``drop_a - drop_b`` must have the sign ``predicted_sign`` (the least share of agreements)."""
+    lo_a, hi_a, lo_b, hi_b, sign = (np.asarray(a, float) for a in (lo_a, hi_a, lo_b, hi_b, predicted_sign))
+    return float(np.mean(np.where(sign > 0, lo_a > hi_b, hi_a < lo_b)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Later work on the same model: likelihood displacement and squeezing
+# --------------------------------------------------------------------------------------------------
+
+def displacement_score(features: Tensor, s) -> Tensor:
+    """The last-layer analogue of the CHES score of Razin et al. (2410.08847, Definition 2) for every
+    pair of a group: ``C(x) = -s(x) <g(x), m> = (1/n) sum_x' -s(x) s(x') <g(x), g(x')>``, the similarity of
+    the prompt's embedding to the prompts whose preferred answer is its dispreferred one, minus the
+    similarity to those that share its preferred answer (``m`` = :func:`signed_mean` of the group).
+
+    Razin et al.'s own score ``<sum h(y+), sum h(y-)> - ||sum h(y+)||^2`` sums the hidden embeddings of
+    each response's prefixes; for single-token answers both sums are the prompt's embedding ``g(x)``, so
+    it is 0 for every persona pair, and what is left of their mechanism is the other prompts' pull
+    (their Section 4.2.3: samples whose preferred response is this one's dispreferred). In the last-layer
+    model it is exact at step 1: the first step changes the margin by ``-lr beta^2 C(x)``, so the chosen
+    log-probability of ``x`` falls iff ``C(x) > 0`` (:func:`answer_logps`)."""
+    return -_signs(s).to(features.dtype) * (features @ signed_mean(features, s))
+
+
+def answer_logps(head: Tensor, features: Tensor, v: Tensor, yes: int, no: int) -> tuple[Tensor, Tensor]:
+    """``log pi(Yes|x)`` and ``log pi(No|x)`` of the head ``W_ref + u v^T`` over the whole vocabulary
+    (``head`` is ``W_ref``, ``V x d``), an explicit softmax. Only the Yes and No logits move with ``v``
+    (``+a`` and ``-a``, ``a = v^T g``), and ``d log pi(Yes)/da = 1 - pi(Yes) + pi(No) > 0``,
+    ``d log pi(No)/da = -(1 + pi(Yes) - pi(No)) < 0``: the preferred answer's log-probability moves in the
+    direction of the margin ``h = 2 beta s a`` for every pair and any step. In the last-layer model
+    there is therefore neither squeezing (Ren & Sutherland, 2407.10490: the chosen likelihood falling
+    while the margin grows) nor likelihood displacement of a pair whose margin grows."""
+    logits = features @ head.T.to(features.dtype)
+    a = features @ v
+    logits[:, yes] += a
+    logits[:, no] -= a
+    logp = torch.log_softmax(logits, -1)
+    return logp[:, yes], logp[:, no]
+

@@ -40,6 +40,39 @@ from torch import Tensor
 
 LOG3 = math.log(3.0)
 
+#: The losses of the paper's Section 7 on the reward margin ``r``: a loss ``(1/N) sum_i f(r_i)`` drives the
+#: margins through the weight ``-f'(r_i)`` in place of DPO's ``sigma(-r_i)``. DPO ``f = -log sigma(r)``,
+#: IPO ``f = (r - 1)^2`` and SLiC ``f = max(0, 1 - r)`` (its subgradient ``-1[r < 1]``).
+LOSSES = ("dpo", "ipo", "slic")
+
+#: For each loss, the margin range ``[0, r_max]`` of the book's training guarantee and the bounds
+#: ``[q_lo, q_hi]`` of the weight ``-f'(r)`` on it: DPO's ``sigma(-r)`` on ``[0, log 3]`` (the paper's),
+#: IPO's ``2(1 - r)`` on ``[0, 1/2]``, SLiC's ``1`` below the hinge ``r = 1``. In each ``q_hi <= 2 q_lo``,
+#: which the guarantee needs (:func:`theorem_rates`).
+WEIGHT_RANGES = {"dpo": (LOG3, 0.25, 0.5), "ipo": (0.5, 1.0, 2.0), "slic": (1.0, 1.0, 1.0)}
+
+
+def _check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} must be one of {', '.join(LOSSES)}")
+
+
+def loss_value(loss: str, r: Tensor) -> Tensor:
+    """``f(r)``: ``-log sigma(r)`` (DPO), ``(r - 1)^2`` (IPO), ``max(0, 1 - r)`` (SLiC), elementwise."""
+    _check_loss(loss)
+    if loss == "dpo":
+        return -torch.nn.functional.logsigmoid(r)
+    return (r - 1) ** 2 if loss == "ipo" else (1 - r).clamp(min=0)
+
+
+def loss_weight(loss: str, r: Tensor) -> Tensor:
+    """``-f'(r)``, the weight of a sample in the margin dynamics (the paper's Section 7): ``sigma(-r)``
+    (DPO), ``2(1 - r)`` (IPO), ``1[r < 1]`` (SLiC; the subgradient 0 at the hinge)."""
+    _check_loss(loss)
+    if loss == "dpo":
+        return torch.sigmoid(-r)
+    return 2 * (1 - r) if loss == "ipo" else (r < 1).to(r.dtype)
+
 
 # --------------------------------------------------------------------------------------------------
 # Data: the paper's pairs of Gaussian clusters
@@ -108,24 +141,38 @@ def token_reuse(chosen_of: Tensor, rejected_of: Tensor) -> tuple[int, int]:
     return Z, M
 
 
-def cluster_means(K: int, d: int, l_b: float, dtype=torch.float64) -> Tensor:
-    """``mu_{k,+-} = l_b e_0 +- e_{1+k}`` (rows ``2k``, ``2k+1``): orthonormal concepts ``c_k = e_{1+k}``,
-    orthogonal to the shared component ``b = l_b e_0``. Needs ``d >= K + 1``."""
+def cluster_means(K: int, d: int, l_b: float, dtype=torch.float64, delta_c: float = 0.0, seed: int = 0) -> Tensor:
+    """``mu_{k,+-} = l_b e_0 +- c_k`` (rows ``2k``, ``2k+1``), orthogonal to each other's concepts when
+    ``delta_c = 0``: ``c_k = e_{1+k}``, orthogonal to the shared component ``b = l_b e_0``. Needs ``d >= K + 1``.
+
+    ``delta_c > 0``: the paper's ``delta``-approximately orthogonal clusters (its Appendix C), unit
+    concepts with ``<c_k, e_{1+k}> = 1 - delta_c^2/8`` exactly, tilted towards a random unit direction
+    ``w_k`` orthogonal to ``e_{1+k}`` (drawn from ``seed``; it may have components along ``e_0`` and
+    along the other concepts), so ``||c_k - e_{1+k}|| = delta_c/2``."""
     if d < K + 1:
         raise ValueError(f"need d >= K + 1 for orthogonal concepts and shared component (K={K}, d={d})")
+    if not 0 <= delta_c <= 2 * math.sqrt(2):
+        raise ValueError(f"delta_c={delta_c} must be in [0, 2 sqrt 2] (then 1 - delta_c^2/8 is a cosine)")
     eye = torch.eye(d, dtype=dtype)
-    c = eye[1:K + 1]
+    c = eye[1:K + 1].clone()
+    if delta_c > 0:
+        w = torch.randn(K, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        w[torch.arange(K), torch.arange(1, K + 1)] = 0
+        w = w / w.norm(dim=1, keepdim=True)
+        cos = 1 - delta_c**2 / 8
+        c = cos * c + math.sqrt(1 - cos**2) * w
     return torch.stack([l_b * eye[0] + c, l_b * eye[0] - c], 1).reshape(2 * K, d)
 
 
 def cluster_data(K: int, Q: int, d: int, v: float, l_b: float, *, shared_tokens: bool = False, Z: int = 1,
-                 seed: int = 0, dtype=torch.float64) -> ClusterData:
-    """``Q`` i.i.d. samples from each of the ``2K`` clusters ``N(mu_c, v^2 I)`` (:func:`cluster_means`),
-    with the tokens of :func:`cluster_tokens` (``shared_tokens``, ``Z``).
+                 seed: int = 0, dtype=torch.float64, delta_c: float = 0.0) -> ClusterData:
+    """``Q`` i.i.d. samples from each of the ``2K`` clusters ``N(mu_c, v^2 I)`` (:func:`cluster_means`,
+    approximately orthogonal when ``delta_c > 0``, tilted from ``seed``), with the tokens of
+    :func:`cluster_tokens` (``shared_tokens``, ``Z``).
 
     The noise is ``v * z`` with ``z`` drawn from ``seed`` alone, so runs that differ only in ``v`` use
     the same ``z`` (common random numbers)."""
-    means = cluster_means(K, d, l_b, dtype)
+    means = cluster_means(K, d, l_b, dtype, delta_c=delta_c, seed=seed + 1)
     chosen_of, rejected_of, vocab = cluster_tokens(K, shared_tokens, Z)
     cluster = torch.arange(2 * K).repeat_interleave(Q)
     z = torch.randn(2 * K * Q, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -158,7 +205,7 @@ def margins(delta_W: Tensor, G: Tensor, chosen: Tensor, rejected: Tensor, beta: 
 
 @dataclass
 class MarginRun:
-    """Margins of :func:`gd_dpo` at every step: ``train[t, i]`` and ``tests[j][t, i]``; ``delta_W[t]``
+    """Margins of :func:`gd_last_layer` at every step: ``train[t, i]`` and ``tests[j][t, i]``; ``delta_W[t]``
     is ``W_t - W_0`` when ``keep_weights``, else only the last one is kept (``delta_W[-1]``)."""
 
     train: Tensor
@@ -205,14 +252,16 @@ class PairBlocks:
         return torch.bmm(w[:, None, :], self.blocks)[:, 0]
 
 
-def gd_dpo(G: Tensor, chosen: Tensor, rejected: Tensor, *, vocab: int, beta: float, lr: float, steps: int,
-           tests=(), keep_weights: bool = False) -> MarginRun:
-    """Full-batch gradient descent on the mean DPO loss over ``W`` (only ``W - W_0`` matters).
+def gd_last_layer(G: Tensor, chosen: Tensor, rejected: Tensor, *, vocab: int, beta: float, lr: float, steps: int,
+                  loss: str = "dpo", tests=(), keep_weights: bool = False) -> MarginRun:
+    """Full-batch gradient descent on the mean loss ``(1/N) sum_i f(r_i)`` over ``W`` (only ``W - W_0``
+    matters), ``f`` the DPO, IPO or SLiC loss of :func:`loss_value`.
 
-    ``grad_W L = -(beta/N) sum_i sigma(-r_i) (y_wi - y_li) g_i^T``, so a step adds
-    ``lr beta/N sum_i sigma(-r_i) (e_{w_i} - e_{l_i}) g_i^T``: for each pair ``p``, its summed
-    ``sigma(-r_i) g_i`` to row ``y_w`` and minus it to row ``y_l`` (:class:`PairBlocks`). ``tests``:
+    ``grad_W L = -(beta/N) sum_i w_i (y_wi - y_li) g_i^T`` with ``w_i = -f'(r_i)`` (:func:`loss_weight`), so
+    a step adds ``lr beta/N sum_i w_i (e_{w_i} - e_{l_i}) g_i^T``: for each pair ``p``, its summed
+    ``w_i g_i`` to row ``y_w`` and minus it to row ``y_l`` (:class:`PairBlocks`). ``tests``:
     ``(G, chosen, rejected)`` triples whose margins are recorded too (never trained on)."""
+    _check_loss(loss)
     N, d = G.shape
     train_blocks, test_blocks = PairBlocks.of(G, chosen, rejected), [PairBlocks.of(*x) for x in tests]
     dW = torch.zeros(vocab, d, dtype=G.dtype)
@@ -224,7 +273,7 @@ def gd_dpo(G: Tensor, chosen: Tensor, rejected: Tensor, *, vocab: int, beta: flo
             out.append(blocks.margins(dW, beta))
         if t == steps:
             break
-        push = train_blocks.pair_sums(torch.sigmoid(-r)) * (lr * beta / N)
+        push = train_blocks.pair_sums(loss_weight(loss, r)) * (lr * beta / N)
         dW = dW.index_add(0, train_blocks.pairs[:, 0], push).index_add(0, train_blocks.pairs[:, 1], -push)
         if keep_weights:
             Ws.append(dW.clone())
@@ -233,51 +282,89 @@ def gd_dpo(G: Tensor, chosen: Tensor, rejected: Tensor, *, vocab: int, beta: flo
     return MarginRun(torch.stack(train), [torch.stack(o) for o in outs], Ws)
 
 
-def kernel_recursion(C: Tensor, beta: float, lr: float, steps: int, cross=()) -> tuple[Tensor, list]:
-    """Lemma 4.1 for gradient descent: ``r_{t+1} = r_t + lr (beta^2/N) C sigma(-r_t)`` from ``r_0 = 0``,
-    and for unseen samples ``r~_{t+1} = r~_t + lr (beta^2/N) C~ sigma(-r_t)`` with
+def kernel_recursion(C: Tensor, beta: float, lr: float, steps: int, cross=(), loss: str = "dpo") -> tuple[Tensor, list]:
+    """Lemma 4.1 for gradient descent on the loss ``f`` (the paper's Section 7: ``-f'`` in place of
+    ``sigma(-r)``): ``r_{t+1} = r_t + lr (beta^2/N) C w(r_t)`` from ``r_0 = 0`` with ``w = -f'``
+    (:func:`loss_weight`), and for unseen samples ``r~_{t+1} = r~_t + lr (beta^2/N) C~ w(r_t)`` with
     ``C~[a, i] = (y_wa - y_la)^T (y_wi - y_li) g~_a^T g_i``. Returns ``(train (steps+1, N), [test ...])``."""
     N = C.shape[0]
     r = torch.zeros(N, dtype=C.dtype)
     rs, tests = [r], [[torch.zeros(X.shape[0], dtype=C.dtype)] for X in cross]
     for _ in range(steps):
-        s = torch.sigmoid(-r)
+        w = loss_weight(loss, r)
         for out, X in zip(tests, cross):
-            out.append(out[-1] + lr * beta**2 / N * (X @ s))
-        r = r + lr * beta**2 / N * (C @ s)
+            out.append(out[-1] + lr * beta**2 / N * (X @ w))
+        r = r + lr * beta**2 / N * (C @ w)
         rs.append(r)
     return torch.stack(rs), [torch.stack(o) for o in tests]
 
 
+def ipo_margins(C: Tensor, beta: float, lr: float, steps: int, cross=()) -> tuple[Tensor, list]:
+    """IPO's margins in closed form: its weight ``2(1 - r)`` is linear, so gradient descent is
+    ``1 - r_{t+1} = (I - lr A)(1 - r_t)`` with ``A = 2 beta^2 C / N``, hence ``r_t = (I - (I - lr A)^t) 1``,
+    and an unseen sample's ``r~_t = lr (2 beta^2/N) C~ sum_{j<t} (I - lr A)^j 1``; computed from the
+    eigendecomposition ``C = U diag(lambda) U^T`` (``C`` is positive semi-definite), independently of
+    :func:`kernel_recursion`. Returns ``(train (steps+1, N), [test ...])`` like it."""
+    N = C.shape[0]
+    lam, U = torch.linalg.eigh(C)
+    eps = lr * 2 * beta**2 * lam / N                          # I - lr A has eigenvalues 1 - eps
+    t = torch.arange(steps + 1, dtype=C.dtype)[:, None]
+    small = eps.abs() < 0.5                                   # stable forms where 1 - eps is near 1
+    log_x = torch.log1p(-torch.where(small, eps, torch.zeros_like(eps)))
+    decay = torch.where(small, -torch.expm1(t * log_x), 1 - (1 - eps) ** t)          # 1 - (1 - eps)^t
+    geometric = torch.where(eps == 0, t, decay / torch.where(eps == 0, torch.ones_like(eps), eps))
+    one = U.T @ torch.ones(N, dtype=C.dtype)
+    train = (decay * one) @ U.T
+    partial_sums = (geometric * one) @ U.T                    # sum_{j<t} (I - lr A)^j 1, one row per t
+    return train, [lr * 2 * beta**2 / N * partial_sums @ X.T for X in cross]
+
+
 def gradient_flow_margins(C: Tensor, beta: float, times, tau: float = 1.0, rtol: float = 1e-10,
-                          atol: float = 1e-12) -> np.ndarray:
-    """Gradient flow of Lemma 4.1, ``tau dr/dt = (beta^2/N) C sigma(-r)``, ``r(0) = 0``, integrated by
-    scipy's adaptive RK45 (independent of the gradient-descent code). Returns ``(len(times), N)``."""
+                          atol: float = 1e-12, loss: str = "dpo") -> np.ndarray:
+    """Gradient flow of Lemma 4.1, ``tau dr/dt = (beta^2/N) C w(r)``, ``r(0) = 0``, integrated by
+    scipy's adaptive RK45 (independent of the gradient-descent code); ``w = sigma(-r)`` (DPO) or
+    ``2(1 - r)`` (IPO; SLiC's indicator has no classical flow). Returns ``(len(times), N)``."""
     from scipy.integrate import solve_ivp
 
+    if loss not in ("dpo", "ipo"):
+        raise ValueError(f"loss={loss!r}: the flow is integrated for 'dpo' and 'ipo'")
     Cn = C.detach().cpu().numpy().astype(float)
     N = Cn.shape[0]
     times = np.asarray(times, dtype=float)
-    sol = solve_ivp(lambda t, r: beta**2 / (N * tau) * (Cn @ (1 / (1 + np.exp(r)))), (0.0, float(times[-1])),
+    weight = (lambda r: 1 / (1 + np.exp(r))) if loss == "dpo" else (lambda r: 2 * (1 - r))
+    sol = solve_ivp(lambda t, r: beta**2 / (N * tau) * (Cn @ weight(r)), (0.0, float(times[-1])),
                     np.zeros(N), t_eval=times, rtol=rtol, atol=atol)
     return sol.y.T
 
 
-def idealized_margin(t, K: int, beta: float, tau: float = 1.0):
+def idealized_margin(t, K: int, beta: float, tau: float = 1.0, loss: str = "dpo"):
     """The noiseless (``v = 0``), distinct-token (``Z = 1``) margin, the same for every sample:
-    ``tau dr/dt = (2 beta^2 / K) sigma(-r)``, whose solution with ``r(0) = 0`` is
-    ``r = a t + 1 - W(exp(a t + 1))`` with ``a = 2 beta^2/(K tau)`` and ``W`` the Lambert W function
-    (from ``r + e^r = a t + 1``). Independent of ``l_b``."""
+    ``tau dr/dt = (2 beta^2 / K) w(r)``. DPO (``w = sigma(-r)``): ``r = a t + 1 - W(exp(a t + 1))`` with
+    ``a = 2 beta^2/(K tau)`` and ``W`` the Lambert W function (from ``r + e^r = a t + 1``); IPO
+    (``w = 2(1 - r)``): ``r = 1 - exp(-2 a t)``; SLiC (``w = 1[r < 1]``): ``r = min(1, a t)``.
+    Independent of ``l_b``."""
     from scipy.special import lambertw
 
-    x = 2 * beta**2 / (K * tau) * np.asarray(t, dtype=float) + 1.0
-    return x - np.real(lambertw(np.exp(x)))
+    _check_loss(loss)
+    at = 2 * beta**2 / (K * tau) * np.asarray(t, dtype=float)
+    if loss == "ipo":
+        return 1 - np.exp(-2 * at)
+    if loss == "slic":
+        return np.minimum(1.0, at)
+    return at + 1.0 - np.real(lambertw(np.exp(at + 1.0)))
 
 
-def theorem_rates(K: int, beta: float, tau: float = 1.0) -> tuple[float, float, float]:
-    """Theorem 4.2's ``(rate_L, rate_U, tau_1)``: ``beta^2 t/(8 K tau) <= r_i(t) <= 5 beta^2 t/(K tau)``
-    for ``t <= tau_1 = K tau log 3 / (5 beta^2)`` (so ``r_U(tau_1) = log 3``)."""
-    return beta**2 / (8 * K * tau), 5 * beta**2 / (K * tau), K * tau * LOG3 / (5 * beta**2)
+def theorem_rates(K: int, beta: float, tau: float = 1.0, loss: str = "dpo") -> tuple[float, float, float]:
+    """``(rate_L, rate_U, horizon)`` of the training guarantee for ``loss``. DPO: the paper's Theorem 4.2,
+    ``beta^2 t/(8 K tau) <= r_i(t) <= 5 beta^2 t/(K tau)`` for ``t <= tau_1 = K tau log 3 / (5 beta^2)`` (so
+    ``r_U(tau_1) = log 3``). For a loss whose weight ``-f'`` lies in ``[q_lo, q_hi]`` on ``[0, r_max]``
+    (:data:`WEIGHT_RANGES`) the book's extension (the chapter's thm-ch3-losses) gives
+    ``q_lo beta^2 t/(2 K tau)`` and ``10 q_hi beta^2 t/(K tau)`` up to ``r_max K tau/(10 q_hi beta^2)``, which are
+    the DPO constants for DPO's ``[1/4, 1/2]`` on ``[0, log 3]``."""
+    _check_loss(loss)
+    r_max, q_lo, q_hi = WEIGHT_RANGES[loss]
+    rate_U = 10 * q_hi * beta**2 / (K * tau)
+    return q_lo * beta**2 / (2 * K * tau), rate_U, r_max / rate_U
 
 
 def book_train_conditions(delta: float, M: int, l_b: float, d: int, v: float, Q: int) -> bool:
@@ -287,39 +374,44 @@ def book_train_conditions(delta: float, M: int, l_b: float, d: int, v: float, Q:
     return bool(delta * (1 + M / 2) + M * l_b**2 / 2 <= 0.75 and delta < 1 - l_b**2 and d * v**2 <= 2 * Q)
 
 
-def empirical_rates(C: Tensor, beta: float, tau: float = 1.0) -> tuple[float, float]:
+def empirical_rates(C: Tensor, beta: float, tau: float = 1.0, weights: tuple[float, float] = (0.25, 0.5)) -> tuple[float, float]:
     """The deterministic comparison rates of the chapter's sandwich lemma.
 
     Row ``j`` of ``C`` splits into ``A_j`` (sum of positive entries) and ``B_j`` (sum of the absolute
-    negative ones). While every ``sigma(-r_i)`` lies in ``[1/4, 1/2]`` (all margins in ``[0, log 3]``),
-    ``tau dr_j/dt`` lies in ``[(beta^2/N)(A_j/4 - B_j/2), (beta^2/N)(A_j/2 - B_j/4)]``. Returns
-    ``(rho_L, rho_U)``: the smallest lower and the largest upper rate over ``j``."""
-    N = C.shape[0]
-    A = C.clamp(min=0).sum(1)
-    B = (-C).clamp(min=0).sum(1)
+    negative ones). While every weight ``-f'(r_i)`` lies in ``weights = [q_lo, q_hi]`` (DPO: ``sigma(-r_i)``
+    in ``[1/4, 1/2]`` while all margins are in ``[0, log 3]``), ``tau dr_j/dt`` lies in
+    ``[(beta^2/N)(q_lo A_j - q_hi B_j), (beta^2/N)(q_hi A_j - q_lo B_j)]``. Returns ``(rho_L, rho_U)``: the
+    smallest lower and the largest upper rate over ``j``."""
+    return kernel_rates_of_rows(C, beta, C.shape[0], tau, weights)
+
+
+def kernel_rates_of_rows(rows: Tensor, beta: float, N: int, tau: float, weights: tuple[float, float]) -> tuple[float, float]:
+    """:func:`empirical_rates` of some rows of a kernel of ``N`` samples."""
+    q_lo, q_hi = weights
+    A, B = rows.clamp(min=0).sum(1), (-rows).clamp(min=0).sum(1)
     k = beta**2 / (N * tau)
-    return float((k * (A / 4 - B / 2)).min()), float((k * (A / 2 - B / 4)).max())
+    return float((k * (q_lo * A - q_hi * B)).min()), float((k * (q_hi * A - q_lo * B)).max())
 
 
-def kernel_rates(G: Tensor, chosen: Tensor, rejected: Tensor, beta: float, tau: float = 1.0,
-                 chunk: int = 1024) -> tuple[float, float]:
+def kernel_rates(G: Tensor, chosen: Tensor, rejected: Tensor, beta: float, tau: float = 1.0, chunk: int = 1024,
+                 weights: tuple[float, float] = (0.25, 0.5)) -> tuple[float, float]:
     """:func:`empirical_rates` of the kernel of ``(G, chosen, rejected)`` without holding the ``N x N``
     kernel: rows are formed ``chunk`` at a time."""
     N = G.shape[0]
     lo, hi = math.inf, -math.inf
-    k = beta**2 / (N * tau)
     for start in range(0, N, chunk):
         sl = slice(start, start + chunk)
-        C = margin_kernel(G[sl], chosen[sl], rejected[sl], G, chosen, rejected)
-        A, B = C.clamp(min=0).sum(1), (-C).clamp(min=0).sum(1)
-        lo, hi = min(lo, float((k * (A / 4 - B / 2)).min())), max(hi, float((k * (A / 2 - B / 4)).max()))
+        l, h = kernel_rates_of_rows(margin_kernel(G[sl], chosen[sl], rejected[sl], G, chosen, rejected), beta, N, tau,
+                                    weights)
+        lo, hi = min(lo, l), max(hi, h)
     return lo, hi
 
 
-def inner_product_deviation(data: ClusterData, chunk: int = 1024) -> float:
+def inner_product_deviation(data: ClusterData, chunk: int = 1024, means: Tensor | None = None) -> float:
     """The ``delta`` of the event ``E_delta``: the largest ``|g_i^T g_j - mu_i^T mu_j|`` over ``i != j`` and
-    ``|‖g_i‖^2 - ‖mu_i‖^2 - d v^2|`` over ``i``, for the clusters' means ``mu``."""
-    G, mu = data.features, data.means[data.cluster]
+    ``|‖g_i‖^2 - ‖mu_i‖^2 - d v^2|`` over ``i``, for the clusters' means ``mu`` (``means``, one row per
+    cluster; default the data's own, ``data.means``; the orthogonal model's for Appendix C)."""
+    G, mu = data.features, (data.means if means is None else means)[data.cluster]
     N, d = G.shape
     out = 0.0
     for start in range(0, N, chunk):
@@ -335,39 +427,41 @@ def inner_product_deviation(data: ClusterData, chunk: int = 1024) -> float:
 # Generalization (Theorem 4.3)
 # --------------------------------------------------------------------------------------------------
 
-def test_slack(G: Tensor, chosen: Tensor, rejected: Tensor, mean: Tensor, chosen_t: int, rejected_t: int) -> float:
+def test_slack(G: Tensor, chosen: Tensor, rejected: Tensor, mean: Tensor, chosen_t: int, rejected_t: int,
+               weights: tuple[float, float] = (0.25, 0.5)) -> float:
     """The slack ``s*`` of an unseen sample from a cluster with mean ``mean`` and tokens
     ``(chosen_t, rejected_t)``.
 
-    Its margin obeys ``tau dr~/dt = (beta^2/N) sum_i sigma(-r_i) c_i g_i^T (mu + xi)`` with
-    ``c_i = (y_w - y_l)^T (y_wi - y_li)``. With ``a_i = c_i g_i^T mu``, weights ``sigma(-r_i)`` anywhere in
-    ``[1/4, 1/2]`` and perturbations ``|g_i^T xi| <= s``, the smallest possible drive is
-    ``f(s) = sum_i phi(a_i - |c_i| s)`` with ``phi(x) = x/4`` for ``x >= 0`` and ``x/2`` for ``x < 0``.
-    ``f`` is continuous and decreasing; ``s*`` is its root (found by bisection), 0 when ``f(0) <= 0``.
-    So the drive is positive whenever ``max_i |g_i^T xi| < s*`` (over ``c_i != 0``)."""
+    Its margin obeys ``tau dr~/dt = (beta^2/N) sum_i w_i c_i g_i^T (mu + xi)`` with
+    ``c_i = (y_w - y_l)^T (y_wi - y_li)``. With ``a_i = c_i g_i^T mu``, weights ``w_i`` anywhere in
+    ``weights = [q_lo, q_hi]`` (DPO: ``sigma(-r_i)`` in ``[1/4, 1/2]``) and perturbations ``|g_i^T xi| <= s``,
+    the smallest possible drive is ``f(s) = sum_i phi(a_i - |c_i| s)`` with ``phi(x) = q_lo x`` for ``x >= 0``
+    and ``q_hi x`` for ``x < 0``. ``f`` is continuous and decreasing; ``s*`` is its root (found by
+    bisection), 0 when ``f(0) <= 0``. So the drive is positive whenever ``max_i |g_i^T xi| < s*`` (over
+    ``c_i != 0``)."""
     c = preference_overlap(torch.tensor([chosen_t]), torch.tensor([rejected_t]), chosen, rejected)[0].to(G.dtype)
     a, w = (c * (G @ mean)).cpu().numpy(), c.abs().cpu().numpy()
     keep = w > 0
-    a, w = a[keep], w[keep]
-    return _worst_case_root(a, w)
+    return _worst_case_root(a[keep], w[keep], weights)
 
 
-def worst_case_drive(a: np.ndarray, w: np.ndarray, s: float) -> float:
-    """``f(s) = sum_i phi(a_i - w_i s)``, ``phi(x) = x/4`` (x >= 0) or ``x/2`` (x < 0): the smallest value of
-    ``sum_i q_i (a_i + w_i e_i)`` over weights ``q_i`` in ``[1/4, 1/2]`` and ``|e_i| <= s``."""
+def worst_case_drive(a: np.ndarray, w: np.ndarray, s: float, weights: tuple[float, float] = (0.25, 0.5)) -> float:
+    """``f(s) = sum_i phi(a_i - w_i s)``, ``phi(x) = q_lo x`` (x >= 0) or ``q_hi x`` (x < 0): the smallest value
+    of ``sum_i q_i (a_i + w_i e_i)`` over weights ``q_i`` in ``weights = [q_lo, q_hi]`` and ``|e_i| <= s``."""
+    q_lo, q_hi = weights
     x = np.asarray(a, float) - np.asarray(w, float) * s
-    return float(np.sum(np.where(x >= 0, x / 4, x / 2)))
+    return float(np.sum(np.where(x >= 0, q_lo * x, q_hi * x)))
 
 
-def _worst_case_root(a: np.ndarray, w: np.ndarray) -> float:
-    if len(a) == 0 or worst_case_drive(a, w, 0.0) <= 0:
+def _worst_case_root(a: np.ndarray, w: np.ndarray, weights: tuple[float, float]) -> float:
+    if len(a) == 0 or worst_case_drive(a, w, 0.0, weights) <= 0:
         return 0.0
     lo, hi = 0.0, 1.0
-    while worst_case_drive(a, w, hi) > 0:
+    while worst_case_drive(a, w, hi, weights) > 0:
         lo, hi = hi, 2 * hi
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if worst_case_drive(a, w, mid) > 0 else (lo, mid)
+        lo, hi = (mid, hi) if worst_case_drive(a, w, mid, weights) > 0 else (lo, mid)
     return lo
 
 
@@ -500,15 +594,19 @@ def exact_risk(delta_W: Tensor, data: ClusterData, beta: float, log: bool = Fals
     return norm.logcdf(z) if log else norm.cdf(z)
 
 
-def bounds_for(data: ClusterData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per cluster: ``(s*, cluster_bound, its log, union_bound_closed over all N)`` of Theorem 4.3."""
+def bounds_for(data: ClusterData, loss: str = "dpo") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster: ``(s*, cluster_bound, its log, union_bound_closed over all N)`` of Theorem 4.3 (the
+    book's thm-ch3-gen), with the weight range of ``loss`` (:data:`WEIGHT_RANGES`; the horizon of
+    :func:`theorem_rates`)."""
+    _check_loss(loss)
+    weights = WEIGHT_RANGES[loss][1:]
     G, ch, rj = data.features, data.chosen, data.rejected
     norms = G.norm(dim=1)
     S, B, U = [], [], []
     for c in range(len(data.means)):
         cw, cl = int(data.chosen_of[c]), int(data.rejected_of[c])
         sharing = preference_overlap(torch.tensor([cw]), torch.tensor([cl]), ch, rj)[0] != 0
-        s = test_slack(G, ch, rj, data.means[c], cw, cl)
+        s = test_slack(G, ch, rj, data.means[c], cw, cl, weights)
         S.append(s)
         B.append(cluster_bound(s, data.v, norms[sharing], log=True))
         U.append(union_bound_closed(s, data.v, norms.max().item(), len(G)))
@@ -562,7 +660,7 @@ def cluster_geometry(features: Tensor, s, groups) -> dict:
 
 
 def adam_last_layer(features: Tensor, s, *, beta: float, lr: float, steps: int, betas=(0.9, 0.999),
-                    eps: float = 1e-8) -> Tensor:
+                    eps: float = 1e-8, frozen_weights: bool = False) -> Tensor:
     """Full-batch Adam (the paper's last-layer training, its Appendix F: Adam, learning rate ``lr``) on
     the mean DPO loss of the head ``W``, for one token pair (" Yes" preferred when ``s = +1``).
 
@@ -570,8 +668,10 @@ def adam_last_layer(features: Tensor, s, *, beta: float, lr: float, steps: int, 
     through ``r = 2 beta s v^T g`` alone, so every other row has zero gradient and Adam leaves it at
     ``W_0``; the gradient of the " No" row is minus that of the " Yes" row, ``G = -(beta/N) sum_i
     sigma(-r_i) s_i g_i``, and Adam's update of the " No" row is minus that of the " Yes" row. So ``v``
-    follows Adam on ``G`` (bias-corrected moments, PyTorch's order of operations). Returns ``v`` at every
-    step, shape ``(steps + 1, d)``."""
+    follows Adam on ``G`` (bias-corrected moments, PyTorch's order of operations). ``frozen_weights``:
+    every ``sigma(-r_i)`` held at its initial ``1/2``, so ``G`` is constant and each step moves ``v`` by
+    exactly ``-lr G/(|G| + eps)`` (the chapter's constant-weight regime). Returns ``v`` at every step,
+    shape ``(steps + 1, d)``."""
     sign = torch.as_tensor(s).to(features.dtype)
     v = torch.zeros(features.shape[1], dtype=features.dtype)
     m, w = torch.zeros_like(v), torch.zeros_like(v)
@@ -579,7 +679,8 @@ def adam_last_layer(features: Tensor, s, *, beta: float, lr: float, steps: int, 
     b1, b2 = betas
     for t in range(1, steps + 1):
         r = 2 * beta * sign * (features @ v)
-        G = -(beta / len(features)) * ((torch.sigmoid(-r) * sign)[:, None] * features).sum(0)
+        weight = torch.full_like(r, 0.5) if frozen_weights else torch.sigmoid(-r)
+        G = -(beta / len(features)) * ((weight * sign)[:, None] * features).sum(0)
         m = b1 * m + (1 - b1) * G
         w = b2 * w + (1 - b2) * G * G
         v = v - lr / (1 - b1**t) * m / ((w / (1 - b2**t)).sqrt() + eps)
@@ -589,18 +690,58 @@ def adam_last_layer(features: Tensor, s, *, beta: float, lr: float, steps: int, 
 
 def gaussian_fit(features: Tensor, groups) -> tuple[float, float]:
     """The paper's Gaussian-cluster diagnostics (its Appendix E) on the features of each group (e.g.
-    the behaviour-matching statements of each persona): scaled to unit norm on average within the
-    group, the Frobenius norm of the covariance matrix (``1/n`` normalisation) and the mean squared
-    distance to the group's mean (its trace), each averaged over groups."""
+    the behaviour-matching statements of each persona), as the authors normalise them: all features
+    scaled together so that their mean squared norm is 1 (``persona_structure.ipynb``: the trace of
+    ``X X^T`` over the number of rows), then per group the Frobenius norm of the covariance matrix (``1/n``
+    normalisation) and the mean squared distance to the group's mean (its trace), each averaged over
+    groups."""
     labels = list(groups)
+    x_all = features / features.pow(2).sum(1).mean().sqrt()
     fro, dist = [], []
     for g in dict.fromkeys(labels):
-        x = features[torch.tensor([i for i, k in enumerate(labels) if k == g])]
-        x = x / x.norm(dim=1).mean()
+        x = x_all[torch.tensor([i for i, k in enumerate(labels) if k == g])]
         centred = x - x.mean(0)
         fro.append(torch.linalg.matrix_norm(centred.T @ centred / len(x)).item())
         dist.append(centred.pow(2).sum(1).mean().item())
     return float(np.mean(fro)), float(np.mean(dist))
+
+
+def subset_mean_average(means: Tensor, K: int, F, counts=None, chunk: int = 4096) -> float:
+    """The average of ``F(m_S)`` over every subset ``S`` of ``K`` of the groups whose means are the rows of
+    ``means``, ``m_S`` the pooled mean ``sum_{k in S} n_k m_k / sum_{k in S} n_k`` (``counts`` ``n_k``; equal when
+    ``None``), by enumeration (``F`` maps a ``(n, d)`` batch of means to ``n`` values). The chapter's
+    K-dilution proposition (thm-ch3-dilution): for equal counts and convex ``F`` it never rises with ``K``."""
+    from itertools import combinations, islice
+
+    B = means.shape[0]
+    n = torch.ones(B, dtype=means.dtype) if counts is None else torch.as_tensor(counts, dtype=means.dtype)
+    subsets = combinations(range(B), K)
+    total, count = 0.0, 0
+    while block := list(islice(subsets, chunk)):
+        idx = torch.tensor(block)
+        wts = n[idx] / n[idx].sum(1, keepdim=True)
+        total += float(F((wts[:, :, None] * means[idx]).sum(1)).sum())
+        count += len(block)
+    return total / count
+
+
+def adam_frozen_margin(m: Tensor, beta: float, lr: float, steps: int, eps: float = 1e-8) -> Tensor:
+    """The mean training margin after ``steps`` full-batch Adam steps with every weight frozen at
+    ``sigma(0) = 1/2`` (:func:`adam_last_layer` with ``frozen_weights``), for the signed means ``m`` (rows)
+    of the statements of a run: ``G = -(beta/2) m``, each step moves ``v`` by ``lr (beta/2) m/((beta/2)|m| + eps)``,
+    so the mean margin ``2 beta v^T m`` is ``2 beta steps lr sum_d (beta/2) m_d^2/((beta/2)|m_d| + eps)``, a
+    convex function of ``m`` (``x^2/(|x| + c)`` is convex)."""
+    half = beta / 2 * m
+    return 2 * beta * steps * lr * (half * m / (half.abs() + eps)).sum(-1)
+
+
+def no_flip_odds(beta: float, r_max: float = LOG3) -> float:
+    """The reference odds against the preferred response beyond which a pair cannot be flipped while
+    its margin is at most ``r_max``: ``exp(r_max/beta)``, ``3^(1/beta)`` for the paper's ``r_max = log 3``
+    (its Section 7). The policy prefers ``y_w`` iff ``log pi_ref(y_w)/pi_ref(y_l) + r/beta > 0`` (single
+    tokens: ``r/beta`` is the change of the log-odds), which fails when the reference log-odds are below
+    ``-r_max/beta`` and ``r <= r_max``."""
+    return math.exp(r_max / beta)
 
 
 def group_cosines(features: Tensor, groups, centre: bool = False) -> tuple[np.ndarray, list]:

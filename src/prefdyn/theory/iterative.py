@@ -7,7 +7,7 @@ One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P
 ``P + P^T = 1`` (not necessarily Bradley–Terry), and the paper's notation ``beta = 1/tau`` for IPO.
 
 * One-shot IPO optimum (Azar et al. 2023): ``pi* = softmax(log pi_ref + beta P mu)``, i.e.
-  :func:`prefdyn.tabular.ipo_optimum` with ``tau = 1/beta``; the ranking desiderata: the Smith set
+  :func:`prefdyn.tabular.ipo_optimum` at ``beta``; the ranking desiderata: the Smith set
   (:func:`smith_set`) and the sampler that puts it on top (:func:`smith_sampler`, the chapter's
   prop-ch4-smith), the counterexample that defeats any fixed sampler
   (:func:`condorcet_counterexample`, prop-ch4-every-sampler), and the best order-keeping gap over
@@ -35,8 +35,11 @@ One prompt, ``K`` candidate responses, a tabular policy, a preference matrix ``P
   (:func:`strongly_transitive`); the cycle strength (:func:`cycle_strength`) and the leader's turns
   through a cycle (:func:`cyclic_advances`).
 
-The last sections hold what finite samples do: the IPO round on sampled candidates in closed form
-(:func:`sampled_ipo_round`) and the sampled map (:func:`sampled_rounds`), and what the real-model
+The last sections hold what finite samples do: the paper's plug-in map, whose every round is the
+IPO optimum for the empirical sampler (:func:`plugin_round`, :func:`plugin_rounds`); the minimiser
+of the sampled IPO loss in closed form (:func:`sampled_ipo_round`), which leaves unsampled candidates
+where they are, and its map (:func:`sampled_rounds`), which can stop for good at a vertex
+(:func:`frozen`); and what the real-model
 rounds need of the mathematics: oracle-labelled pair counts among sampled candidates and the
 sampled pair loss (the drivers that train the model are in :mod:`prefdyn.experiments.ch04`).
 """
@@ -58,9 +61,10 @@ __all__ = [
     "fixed_point", "quotient_jacobian", "spectral_radius", "ipo_oscillation_index", "dpo_oscillation_index",
     "contraction_factor", "entropy", "oscillation_ratio", "transitivity_margins", "is_strongly_transitive",
     "entropy_upper_bound", "logit_gaps", "pair_counts", "pair_table_loss", "ranking_accuracy", "total_variation",
-    "smith_set", "smith_sampler", "condorcet_counterexample", "TRANSITIVE_NO_SAMPLER", "best_order_gap",
+    "pair_margins", "smith_set", "smith_sampler", "condorcet_counterexample", "TRANSITIVE_NO_SAMPLER", "best_order_gap",
     "monotone_entropy_threshold", "collapse_burn_in", "kl_from_uniform", "cycle_strength", "cyclic_advances",
     "preference_matrices", "is_cyclic", "strongly_transitive", "sampled_ipo_round", "sampled_rounds",
+    "plugin_round", "plugin_rounds", "frozen",
 ]
 
 
@@ -93,6 +97,14 @@ def transitivity_margins(P: Tensor, top: int) -> Tensor:
     advantage of the top response's row over row ``j``; all positive iff ``top`` strictly
     row-dominates every other response."""
     return (P[top][None, :] - P).min(dim=-1).values
+
+
+def pair_margins(P: Tensor) -> Tensor:
+    """``delta[i, j] = min_k (P[i, k] - P[j, k])``, the smallest advantage of row ``i`` over row ``j``
+    (``(..., K, K)``): at ``alpha = 1`` every round raises ``log pi(i)/pi(j)`` by at least
+    ``beta delta[i, j]``, since the sampler is a probability vector (thm-ch4-collapse, part 1, for any
+    pair); positive for every ``i`` above ``j`` iff ``P`` is strictly strongly transitive."""
+    return (P[..., :, None, :] - P[..., None, :, :]).min(-1).values
 
 
 def logit_gaps(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta: float) -> Tensor:
@@ -236,11 +248,11 @@ def _mixtures(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, alpha: float, lam
 def mrs_ipo_step(log_pi: Tensor, log_pi_ref: Tensor, mu0: Tensor, P: Tensor, alpha, beta,
                  lam: float) -> Tensor:
     """One round of iterated IPO, (eq. MAP): the population IPO optimum
-    (:func:`prefdyn.tabular.ipo_optimum`, ``tau = 1/beta``) for the reference
+    (:func:`prefdyn.tabular.ipo_optimum` at ``beta``) for the reference
     ``∝ pi_t^alpha pi_ref^(1-alpha)`` and the sampler ``lam pi_t + (1-lam) mu0``. ``alpha`` and
     ``beta`` are numbers or tensors of shape ``(..., 1)``, one per policy of a batch ``(..., K)``."""
     ref, mu = _mixtures(log_pi, log_pi_ref, mu0, alpha, lam)
-    return tabular.ipo_optimum(ref, P, mu, tau=1.0 / beta)
+    return tabular.ipo_optimum(ref, P, mu, beta=beta)
 
 
 def minimise_newton(loss_fn: Callable[[Tensor], Tensor], logits0: Tensor, iters: int = 50,
@@ -290,7 +302,7 @@ def dpo_optimum(log_pi_ref: Tensor, P: Tensor, mu: Tensor, beta, iters: int = 10
     ``P`` it is ``x = r + c`` whatever ``mu`` is. (Newton's method is invariant under the rescaling,
     so these are the iterates of Newton on the ``beta`` loss, times ``beta``.)
     """
-    objectives._require_positive("beta", beta)
+    objectives.require_positive("beta", beta)
     _check = torch.broadcast_shapes(log_pi_ref.shape, mu.shape)
     x = torch.zeros(_check, dtype=torch.float64)
     mu = mu.to(torch.float64).expand(_check)
@@ -606,32 +618,72 @@ def sampled_ipo_round(log_pi: Tensor, log_ref: Tensor, counts: Tensor, P: Tensor
     return F.log_softmax(new, -1)
 
 
-def sampled_rounds(log_pi0: Tensor, P: Tensor, alpha, beta, lam: float, n_samples: int, rounds: int,
-                   replicates: int, generator: torch.Generator, mu0: Tensor | None = None) -> Tensor:
-    """The sampled map: ``replicates`` runs of iterated IPO from ``log_pi0`` (``(..., K)``, also the
-    fixed reference) whose every round draws ``round(lam n_samples)`` candidates from ``pi_t`` and
-    the rest from ``mu0`` (default uniform) and takes :func:`sampled_ipo_round` for the reference
-    ``∝ pi_t^alpha pi_0^(1-alpha)``: what the real-model rounds do when the model follows the
-    tabular minimiser exactly. Shape ``(rounds+1, replicates, ..., K)``."""
-    K = log_pi0.shape[-1]
-    z0 = log_pi0.expand((replicates,) + log_pi0.shape).clone()
-    mu0 = torch.full((K,), 1.0 / K, dtype=log_pi0.dtype) if mu0 is None else mu0
+def _sample_counts(log_pi: Tensor, mu0: Tensor, lam: float, n_samples: int, generator: torch.Generator) -> Tensor:
+    """A round's draws per candidate (``(..., K)``): ``round(lam n_samples)`` from ``pi = exp(log_pi)``
+    and the rest from ``mu0``, multinomial, from ``generator``."""
+    K = log_pi.shape[-1]
     n_on = int(round(lam * n_samples))
 
     def draw(probs, n):
         if n == 0:
             return torch.zeros_like(probs)
-        flat = probs.reshape(-1, K)
-        idx = torch.multinomial(flat, n, replacement=True, generator=generator)
+        idx = torch.multinomial(probs.reshape(-1, K), n, replacement=True, generator=generator)
         return F.one_hot(idx, K).sum(-2).to(probs.dtype).reshape(probs.shape)
 
+    return draw(log_pi.exp(), n_on) + draw(mu0.expand_as(log_pi), n_samples - n_on)
+
+
+def _finite_sample_rounds(update: Callable[..., Tensor], log_pi0: Tensor, P: Tensor, alpha, beta, lam: float,
+                          n_samples: int, rounds: int, replicates: int, generator: torch.Generator,
+                          mu0: Tensor | None) -> Tensor:
+    K = log_pi0.shape[-1]
+    z0 = log_pi0.expand((replicates,) + log_pi0.shape).clone()
+    mu0 = torch.full((K,), 1.0 / K, dtype=log_pi0.dtype) if mu0 is None else mu0
     out = [z0]
     for _ in range(rounds):
         z = out[-1]
-        counts = draw(z.exp(), n_on) + draw(mu0.expand_as(z), n_samples - n_on)
+        counts = _sample_counts(z, mu0, lam, n_samples, generator)
         ref = F.log_softmax(alpha * z + (1 - alpha) * z0, -1)
-        out.append(sampled_ipo_round(z, ref, counts, P, beta))
+        out.append(update(z, ref, counts, P, beta))
     return torch.stack(out)
+
+
+def plugin_round(log_pi: Tensor, log_ref: Tensor, counts: Tensor, P: Tensor, beta) -> Tensor:
+    """The IPO optimum (eq-ch4-ipo) for the reference ``log_ref`` and the *empirical* sampler
+    ``mu_hat = counts / sum(counts)``: ``log_softmax(log_ref + beta P mu_hat)``. Every response
+    moves, sampled or not (the round's population optimum with ``mu`` replaced by its estimate).
+    ``log_pi`` is unused (the signature of :func:`sampled_ipo_round`)."""
+    mu_hat = counts.to(log_ref.dtype) / counts.sum(-1, keepdim=True)
+    return F.log_softmax(log_ref + beta * (P @ mu_hat[..., None]).squeeze(-1), -1)
+
+
+def sampled_rounds(log_pi0: Tensor, P: Tensor, alpha, beta, lam: float, n_samples: int, rounds: int,
+                   replicates: int, generator: torch.Generator, mu0: Tensor | None = None) -> Tensor:
+    """The sampled-loss map: ``replicates`` runs of iterated IPO from ``log_pi0`` (``(..., K)``, also
+    the fixed reference) whose every round draws ``round(lam n_samples)`` candidates from ``pi_t`` and
+    the rest from ``mu0`` (default uniform) and takes :func:`sampled_ipo_round` for the reference
+    ``∝ pi_t^alpha pi_0^(1-alpha)``: what the real-model rounds do when the model follows the
+    minimiser of its sampled loss exactly. Shape ``(rounds+1, replicates, ..., K)``."""
+    return _finite_sample_rounds(sampled_ipo_round, log_pi0, P, alpha, beta, lam, n_samples, rounds, replicates,
+                                 generator, mu0)
+
+
+def plugin_rounds(log_pi0: Tensor, P: Tensor, alpha, beta, lam: float, n_samples: int, rounds: int,
+                  replicates: int, generator: torch.Generator, mu0: Tensor | None = None) -> Tensor:
+    """The plug-in map: :func:`sampled_rounds` with :func:`plugin_round`, i.e. (eq. MAP) with the
+    sampler ``mu_t`` replaced by the empirical distribution of the round's draws (the paper's
+    finite-sample runs). Draws the same random numbers as :func:`sampled_rounds`."""
+    return _finite_sample_rounds(plugin_round, log_pi0, P, alpha, beta, lam, n_samples, rounds, replicates,
+                                 generator, mu0)
+
+
+def frozen(traj: Tensor, window: int, tol: float = 1e-12) -> Tensor:
+    """Whether each trajectory (``(rounds+1, ..., K)``) stood still over its last ``window`` rounds
+    (no log-probability moved by more than ``tol``). Under :func:`sampled_rounds` a round whose
+    draws are all one candidate has no pair to compare and changes nothing, so near a vertex ``k``
+    a run stops with probability about ``pi(k)^n`` a round, and stays stopped."""
+    tail = traj[-window - 1:]
+    return (tail[1:] - tail[:-1]).abs().amax(-1).amax(0) <= tol
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,13 +728,13 @@ def pair_counts(samples: Sequence[Sequence[int]], P: Tensor, rng: np.random.Gene
 
 def pair_table_loss(log_pi: Tensor, log_pi_ref: Tensor, W: Tensor, loss: str, beta: float) -> Tensor:
     """``sum_p sum_{w,l} W[p, w, l] * ell(w, l)``: the mean sampled IPO or DPO loss over the compared
-    pairs of every prompt, with ``ell`` from :mod:`prefdyn.objectives` (IPO with ``tau = 1/beta``).
+    pairs of every prompt, with ``ell`` from :mod:`prefdyn.objectives` (IPO's target margin ``beta/2``).
     ``log_pi`` and ``log_pi_ref`` are ``(prompts, K)`` candidate log-probabilities; any per-prompt
     normaliser cancels. The same function trains the model and, over free logits, gives the
     tabular prediction of the round."""
     args = (log_pi[..., :, None], log_pi[..., None, :], log_pi_ref[..., :, None], log_pi_ref[..., None, :])
     if loss == "ipo":
-        ell = objectives.ipo_loss(*args, tau=1.0 / beta)
+        ell = objectives.ipo_loss(*args, beta=beta)
     elif loss == "dpo":
         ell = objectives.dpo_loss(*args, beta=beta)
     else:
