@@ -9,9 +9,9 @@ import pytest
 from bs4 import BeautifulSoup
 from conftest import CHAPTERS
 
-from prefdyn.book import execute
+from prefdyn.book import execute, reproduce
 from prefdyn.book.registry import load_papers, load_registry
-from prefdyn.book.runs import is_failure
+from prefdyn.book.runs import is_failure, load_checks
 from prefdyn.book.verify import summary_line
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ DETERMINISM_CHAPTER = "ch03-dpo-generalization" if "ch03-dpo-generalization" in 
 def test_same_seed_and_scale_give_identical_checks(book, chapter):
     """Determinism end to end on one chapter: a second execution (cache bypassed) at the same seed and
     scale on the same machine. Every driver has a determinism test of its own in its module's tests,
-    and every chapter is held to its committed reference run (test_reproduces_its_reference_run)."""
+    and every chapter is held to its committed reference run (test_chapter_reproduces_its_reference_run)."""
     top, results, _ = book
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFDYN_ROOT", str(top))
@@ -94,6 +94,25 @@ def test_same_seed_and_scale_give_identical_checks(book, chapter):
     assert again.status == "executed", again.error
     assert again.checks == results[chapter].checks
 
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_reproduces_its_reference_run(book, chapter):
+    """This checkout's smoke run gives the numbers of the committed reference run
+    (book/recorded/<chapter>/reference-smoke.json) within prefdyn reproduce's tolerance: every check's
+    observed and expected value, result and verdict, every reported value. A change that moves a
+    published number fails here, with the table of what moved, until the reference is re-recorded
+    (`prefdyn record <chapter> --label reference-smoke`) in the same commit."""
+    top, results, _ = book
+    assert results[chapter].status != "failed", results[chapter].error
+    recorded = reproduce.find_record(chapter, reproduce.REFERENCE_LABEL)
+    assert recorded["scale"] == "smoke" and set(recorded["parameters"]) <= {"scale", "device"}, \
+        "the reference is a smoke run with the chapter's defaults"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFDYN_ROOT", str(top))
+        live = load_checks(chapter)
+    differences = reproduce.compare(recorded, live)
+    assert not differences, reproduce.difference_table(differences)
 
 def test_reproducibility_page_reports_every_chapter_run(book):
     top, results, html = book
@@ -108,7 +127,7 @@ def test_reproducibility_page_reports_every_chapter_run(book):
         assert row.select_one("a")["href"].startswith(chapter)
         assert cells[1] == summary_line(results[chapter].checks) and cells[2].startswith("smoke, cpu, ")
     text = soup.get_text(" ")
-    assert text.count("Git revision") == text.count("Hardware") >= len(CHAPTERS)
+    assert text.count("Git revision") == text.count("Device that ran it") == text.count("; hardware: ") >= len(CHAPTERS)
     assert len([t for t in soup.select("table") if "tolerance" in t.get_text()]) >= len(CHAPTERS)
 
 

@@ -446,6 +446,10 @@ def test_results_of_an_earlier_registration_are_superseded_and_implied_ones_do_n
     runs.record("cha", "ci-v1", tmp_path / "v1")
     (row,) = ledger.ledger_rows(live=False)
     assert row["standing"][1].startswith("**reproduced on a real LLM**: `rho` in `ci-v1`")
+    finished_run(tmp_path / "ref", observed=0.1, n=30, scale="smoke")
+    runs.record("cha", "reference-smoke", tmp_path / "ref")      # kept for the tests: never evidence
+    (row,) = ledger.ledger_rows(live=False)
+    assert not any("reference-smoke" in s for s in row["standing"])
     implied = {"identity": "eq-first-step", "regime": "first-order ratio", "implied_if": ">= 0.7"}
     reg = tmp_path / "chapters" / "claims" / "cha.yml"
     data = yaml.safe_load(reg.read_text())

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..store import atomic_write
 from .registry import load_papers, load_registry, registration_history
 from .glue import markdown_table
+from .reproduce import REFERENCE_LABEL
 from .runs import chapter_ids, executed_dir, load_checks, load_meta, load_recorded_runs, run_identity
 from .verify import IMPLIED, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, fmt, outcome
 
@@ -38,12 +39,13 @@ EVIDENCE = ((REPRODUCED, "real model", "reproduced on a real LLM"),   # (outcome
 
 
 def chapter_runs(chapter: str, live: bool = True) -> list[dict]:
-    """The live run of this build (if executed and ``live``) and every recorded run, each with a label."""
+    """The live run of this build (if executed and ``live``) and every recorded run, each with a label,
+    except the chapter's reference run (a ``smoke`` run kept for the tests, not evidence)."""
     runs = []
     meta = load_meta(chapter) if live else None
     if meta is not None:
         runs.append({**meta, **load_checks(chapter), **run_identity(meta), "label": "live"})
-    return runs + load_recorded_runs(chapter)
+    return runs + [r for r in load_recorded_runs(chapter) if r["label"] != REFERENCE_LABEL]
 
 
 def describe_run(run: dict) -> str:
@@ -189,7 +191,7 @@ GLOSSARY = (
 
 def glossary() -> str:
     """The verdict words, as a Sphinx glossary: ``{term}`reproduced``` links here from any page."""
-    return "```{glossary}\n" + "\n".join(f"{word}\n  {meaning}." for word, meaning in GLOSSARY) + "\n```"
+    return "```{glossary}\n" + "\n\n".join(f"{word}\n  {meaning}." for word, meaning in GLOSSARY) + "\n```"
 
 
 def verdict_term(status: str) -> str:
