@@ -201,7 +201,7 @@ def _checksum(model) -> float:
 # --- the two workers -----------------------------------------------------------------------------
 
 def run_prefdyn(policy, pairs, args) -> dict:
-    from prefdyn.llm.train import ReferenceLogps, train_preferences
+    from prefdyn.llm.train import PreferenceConfig, ReferenceLogps, train_preferences
 
     reference = ReferenceLogps.of(policy, pairs, length_normalised=args.loss == "ipo")  # untimed, as TRL's precompute
     stamps: list[float] = []
@@ -217,9 +217,9 @@ def run_prefdyn(policy, pairs, args) -> dict:
     # TRL's beta is DPO's beta, and for loss_type="ipo" Azar et al.'s tau with length-normalised log-probs:
     # in prefdyn's notation that is loss="ipo", beta=1/tau, length_normalised=True
     ipo = args.loss == "ipo"
-    history = train_preferences(policy, pairs, loss=args.loss, beta=1 / args.beta if ipo else args.beta,
-                                steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
-                                reference=reference, evaluate=clock, eval_every=1, length_normalised=ipo,
+    config = PreferenceConfig(args.steps, args.batch, args.lr, args.seed, args.loss,
+                              1 / args.beta if ipo else args.beta, length_normalised=ipo)
+    history = train_preferences(policy, pairs, config, reference=reference, evaluate=clock, eval_every=1,
                                 progress=False)
     _sync(args.device)
     call = time.perf_counter() - start

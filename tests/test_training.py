@@ -185,3 +185,13 @@ def test_start_carries_the_model_and_the_data_it_validated(tmp_path, monkeypatch
     with pytest.raises(params.ParameterError, match="pass model="):
         bare.load_policy()
     monkeypatch.setattr(params, "_share", params.ALL_THREADS)
+
+
+def test_a_preference_config_is_checked_when_made():
+    from prefdyn.llm.train import PreferenceConfig
+
+    assert PreferenceConfig(10, 4, 1e-5).loss == "dpo"
+    for bad, match in ((dict(loss="kto"), "loss='kto'"), (dict(beta=0.0), "beta"), (dict(steps=-1), "steps >= 0"),
+                       (dict(batch_size=0), "batch_size > 0"), (dict(bucket=0), "bucket >= 1")):
+        with pytest.raises(ValueError, match=match):
+            PreferenceConfig(**{"steps": 10, "batch_size": 4, "lr": 1e-5, **bad})

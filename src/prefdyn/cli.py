@@ -85,14 +85,15 @@ def _train(args) -> int:
     from accelerate import PartialState
 
     from .experiments.persona import train_on_persona
+    from .llm.train import PreferenceConfig
     from .store import atomic_write_json
 
     try:
-        result = train_on_persona(args.model, args.device, loss=args.loss, beta=args.beta, steps=args.steps,
-                                  batch_size=args.batch, lr=args.lr, seed=args.seed, data_dir=args.data_dir,
+        config = PreferenceConfig(args.steps, args.batch, args.lr, args.seed, args.loss, args.beta, args.bucket,
+                                  args.length_normalised)
+        result = train_on_persona(args.model, config, args.device, data_dir=args.data_dir,
                                   behaviours=args.behaviours, per_behaviour=args.per_behaviour,
-                                  held_out=args.held_out, top_blocks=args.top_blocks, bucket=args.bucket,
-                                  length_normalised=args.length_normalised, progress=sys.stderr.isatty())
+                                  held_out=args.held_out, top_blocks=args.top_blocks, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as exc:   # bad data or settings (ModelSpecError, ParameterError too)
         raise runs.ChapterError(str(exc)) from exc
     if PartialState().is_main_process:

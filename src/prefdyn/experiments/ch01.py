@@ -24,7 +24,7 @@ from ..datasets.persona import SPLITS, PersonaExample, behaviour_split
 from ..llm import logps
 from ..llm.models import kept_weights
 from ..llm.tokens import single_token_responses
-from ..llm.train import ReferenceLogps, train_preferences
+from ..llm.train import PreferenceConfig, ReferenceLogps, train_preferences
 from ..params import positive
 from .persona import persona_features, persona_pairs
 
@@ -179,10 +179,10 @@ def dpo_run(policy, train: Sequence[PersonaExample], cfg: DPOConfig, seed: int,
             h = objectives.reward_margins(w, l, curve_ref.chosen, curve_ref.rejected, cfg.beta)
             return {"test_margin": h.mean().item(), "test_policy_accuracy": objectives.preference_accuracy(w, l)}
 
-    history = train_preferences(policy, train_pairs, loss="dpo", beta=cfg.beta, steps=cfg.steps,
-                                batch_size=cfg.batch, lr=cfg.lr, seed=seed, reference=train_ref,
-                                evaluate=evaluate if curve else None, eval_every=cfg.eval_every if curve else 0,
-                                progress=False)
+    history = train_preferences(policy, train_pairs, PreferenceConfig(cfg.steps, cfg.batch, cfg.lr, seed, "dpo",
+                                                                       cfg.beta),
+                                reference=train_ref, evaluate=evaluate if curve else None,
+                                eval_every=cfg.eval_every if curve else 0, progress=False)
     w, l = logps.preference_logps(policy, train_pairs.prompts, train_pairs.chosen, train_pairs.rejected)
     h = objectives.reward_margins(w, l, train_ref.chosen, train_ref.rejected, cfg.beta)
     run = DPORun(seed, history, (math.log(2) + torch.nn.functional.logsigmoid(h)).double().numpy(),

@@ -33,7 +33,7 @@ from ..book.verify import outcome
 from ..datasets.persona import PersonaExample, train_test_split
 from ..llm.features import embeddings
 from ..llm.models import Policy, chat_prompt, kept_weights, single_token_id
-from ..llm.train import PreferencePairs, ReferenceLogps, lora_adapters, train_preferences
+from ..llm.train import PreferenceConfig, PreferencePairs, ReferenceLogps, lora_adapters, train_preferences
 from ..params import ParameterError, torch_threads
 from ..theory import dynamics as dyn
 from .persona import persona_features, reference_from_features
@@ -470,8 +470,9 @@ def lora_dpo(policy: Policy, pairs: PreferencePairs, *, reference: ReferenceLogp
     adapted = lora_adapters(policy.model, lora_r, lora_alpha, seed, dropout=dropout)
     n_trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     with torch_threads(None):                                             # the transformer gets every thread
-        history = train_preferences(replace(policy, model=adapted), pairs, loss="dpo", beta=beta, steps=steps,
-                                    batch_size=batch_size, lr=lr, seed=seed, reference=reference, progress=False)
+        history = train_preferences(replace(policy, model=adapted), pairs,
+                                    PreferenceConfig(steps, batch_size, lr, seed, "dpo", beta),
+                                    reference=reference, progress=False)
     policy.model = adapted.merge_and_unload()                           # W + (alpha/r) B A: the aligned model
     return history, n_trained
 

@@ -32,7 +32,7 @@ from ..datasets.persona import train_test_split
 from ..llm.features import embeddings
 from ..llm.logps import preference_logps
 from ..llm.models import kept_weights
-from ..llm.train import train_only_top_blocks, train_preferences
+from ..llm.train import PreferenceConfig, train_only_top_blocks, train_preferences
 from ..params import positive, torch_threads
 from ..stats import SpearmanWorld, spearman
 from ..theory import dynamics as dyn
@@ -625,8 +625,8 @@ def alone_versus_joint(policy, examples, features: Tensor, pools: dict[str, np.n
             with kept_weights(policy.model):
                 n_trained = train_only_top_blocks(policy.model, t.top_blocks)
                 pool = [examples[i] for i in idx]
-                train_preferences(policy, persona_pairs(tok, pool), loss="dpo", beta=beta, steps=t.steps,
-                                  batch_size=t.batch_size, lr=t.lr, seed=t.seed,
+                train_preferences(policy, persona_pairs(tok, pool),
+                                  PreferenceConfig(t.steps, t.batch_size, t.lr, t.seed, "dpo", beta),
                                   reference=reference_from_features(features[idx], pool, head, yes_id, no_id),
                                   progress=False)
                 w, l = preference_logps(policy, held_pairs.prompts, held_pairs.chosen, held_pairs.rejected)

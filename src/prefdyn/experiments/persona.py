@@ -14,6 +14,7 @@ from ..datasets.persona import load_persona, train_test_split
 from ..llm.features import embeddings
 from ..llm.models import chat_prompt, load_policy
 from ..llm.train import (
+    PreferenceConfig,
     PreferencePairs,
     ReferenceLogps,
     evaluate_preferences,
@@ -55,11 +56,13 @@ def reference_from_features(features: Tensor, examples, head: Tensor, yes_id: in
     return ReferenceLogps(logp[rows, w], logp[rows, l])
 
 
-def train_on_persona(model: str, device: str = "auto", *, loss: str = "dpo", beta: float = 0.1, steps: int,
-                     batch_size: int, lr: float, seed: int = 0, data_dir=None, behaviours=None,
-                     per_behaviour: int | None = None, held_out: float = 0.2, top_blocks: int | None = None,
-                     bucket: int = 1, length_normalised: bool = False, progress: bool = True) -> dict:
-    """DPO/IPO on persona data from a model spec to held-out results: what ``prefdyn train`` runs.
+def train_on_persona(model: str, config: PreferenceConfig, device: str = "auto", *, data_dir=None,
+                     behaviours=None, per_behaviour: int | None = None, held_out: float = 0.2,
+                     top_blocks: int | None = None, progress: bool = True) -> dict:
+    """DPO/IPO (``config``) on persona data from a model spec to held-out results: what ``prefdyn
+    train`` runs. The data (``data_dir``, ``behaviours``, ``per_behaviour`` statements of each, a
+    ``held_out`` fraction) are drawn from ``config.seed``; ``top_blocks`` limits training to the last
+    blocks (:func:`prefdyn.llm.train.train_only_top_blocks`).
 
     Under ``accelerate launch`` every process loads the model onto its own device
     (``accelerate.PartialState().device``) and :func:`train_preferences` splits each batch among
@@ -68,6 +71,7 @@ def train_on_persona(model: str, device: str = "auto", *, loss: str = "dpo", bet
     """
     state = PartialState()
     dev = state.device if state.num_processes > 1 else resolve_device(device)
+    seed, beta = config.seed, config.beta
     seed_everything(seed)
     persona = load_persona(data_dir, behaviours, max_per_behaviour=per_behaviour, seed=seed)
     train, test = train_test_split(persona, test_fraction=held_out, seed=seed)
@@ -79,8 +83,7 @@ def train_on_persona(model: str, device: str = "auto", *, loss: str = "dpo", bet
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
-    history = train_preferences(policy, train_pairs, loss=loss, beta=beta, steps=steps, batch_size=batch_size, lr=lr,
-                                seed=seed, bucket=bucket, length_normalised=length_normalised, progress=progress)
+    history = train_preferences(policy, train_pairs, config, progress=progress)
     seconds = time.perf_counter() - start
     return {"model": model, "device": str(dev), "processes": state.num_processes, "trained_weights": trained,
             "train_pairs": len(train_pairs), "test_pairs": len(test_pairs), "history": history,

@@ -201,45 +201,63 @@ def batch_indices(lengths: torch.Tensor, batch_size: int, seed: int, bucket: int
                 yield batches[b]
 
 
-def train_preferences(policy: Policy, pairs: PreferencePairs, *, loss: str = "dpo", beta: float = 0.1,
-                      steps: int, batch_size: int, lr: float, seed: int,
-                      reference: ReferenceLogps | None = None,
-                      evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
-                      bucket: int = 1, length_normalised: bool = False, progress: bool = True) -> list[dict]:
-    """DPO or IPO on ``pairs`` with :func:`optimise`; one record per step (``loss``, ``train_margin``,
-    ``train_reward_accuracy``, ``train_chosen_shift`` — the batch's mean ``log pi(y_w|x) - log pi_ref(y_w|x)``
-    before the step — and what ``evaluate`` returns).
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The protocol of one preference-optimisation run (:func:`train_preferences`), shared by the
+    chapters and ``prefdyn train``: ``steps`` AdamW steps of ``batch_size`` pairs at learning rate
+    ``lr``, batches drawn from ``seed`` (:func:`batch_indices`; ``bucket > 1`` groups pairs of similar
+    length). ``beta`` is DPO's β, or for ``loss="ipo"`` the inverse of IPO's τ (see
+    :func:`preference_loss`). ``length_normalised`` scores each response by its mean token
+    log-probability instead of its sum (:func:`prefdyn.llm.logps.sequence_logps`): with
+    ``loss="ipo"`` this is TRL's ``ipo`` loss with TRL's ``beta = 1/beta``. Checked when made."""
 
-    ``beta`` is DPO's β, or for ``loss="ipo"`` the inverse of IPO's τ (see :func:`preference_loss`).
-    ``length_normalised`` scores each response by its mean token log-probability instead of its
-    sum (:func:`prefdyn.llm.logps.sequence_logps`): with ``loss="ipo"`` this is TRL's ``ipo`` loss
-    with TRL's ``beta = 1/beta``. Batches come from :func:`batch_indices` (``bucket > 1`` groups
-    pairs of similar length). Under ``accelerate launch`` the records hold the whole batch's loss
-    and margin.
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    loss: str = "dpo"
+    beta: float = 0.1
+    bucket: int = 1
+    length_normalised: bool = False
+
+    def __post_init__(self):
+        preference_loss(self.loss, self.beta)
+        if self.steps < 0 or self.batch_size <= 0 or self.lr <= 0 or self.bucket < 1:
+            raise ValueError(f"need steps >= 0, batch_size > 0, lr > 0, bucket >= 1 (got {self.steps}, "
+                             f"{self.batch_size}, {self.lr}, {self.bucket})")
+
+
+def train_preferences(policy: Policy, pairs: PreferencePairs, config: PreferenceConfig, *,
+                      reference: ReferenceLogps | None = None, evaluate: Callable[[int], dict] | None = None,
+                      eval_every: int = 0, progress: bool = True) -> list[dict]:
+    """DPO or IPO (``config``) on ``pairs`` with :func:`optimise`; one record per step (``loss``,
+    ``train_margin``, ``train_reward_accuracy``, ``train_chosen_shift`` — the batch's mean
+    ``log pi(y_w|x) - log pi_ref(y_w|x)`` before the step — and what ``evaluate`` returns every
+    ``eval_every`` steps). ``reference``: the reference log-probabilities of ``pairs`` (default: the
+    policy as it starts). Under ``accelerate launch`` the records hold the whole batch's loss and margin.
     """
     from accelerate import PartialState
 
-    ell = preference_loss(loss, beta)
-    if steps < 0 or batch_size <= 0 or lr <= 0 or bucket < 1:
-        raise ValueError(f"need steps >= 0, batch_size > 0, lr > 0, bucket >= 1 (got {steps}, {batch_size}, {lr}, "
-                         f"{bucket})")
+    c = config
     processes = PartialState().num_processes
-    if processes > 1 and batch_size % processes:
-        raise ValueError(f"batch_size={batch_size} must be a multiple of the {processes} processes")
+    if processes > 1 and c.batch_size % processes:
+        raise ValueError(f"batch_size={c.batch_size} must be a multiple of the {processes} processes")
+    ell, scale = preference_loss(c.loss, c.beta), implicit_margin_scale(c.loss, c.beta)
     encoded = EncodedPairs.of(policy.tokenizer, pairs.prompts, pairs.chosen, pairs.rejected)
-    reference = reference or ReferenceLogps(*score(policy, encoded, length_normalised=length_normalised))
-    device, scale = policy.device, implicit_margin_scale(loss, beta)
+    reference = reference or ReferenceLogps(*score(policy, encoded, length_normalised=c.length_normalised))
+    device = policy.device
 
     def loss_fn(model, index):
-        chosen, rejected = encoded.logps(model, index, device, length_normalised)
+        chosen, rejected = encoded.logps(model, index, device, c.length_normalised)
         ref = reference.chosen[index].to(device), reference.rejected[index].to(device)
         margins = objectives.reward_margins(chosen.detach(), rejected.detach(), *ref, scale)
         return ell(chosen, rejected, *ref), {"train_margin": margins,
                                              "train_reward_accuracy": (margins > 0).to(torch.float64),
                                              "train_chosen_shift": chosen.detach() - ref[0]}
 
-    return optimise(policy.model, loss_fn, batch_indices(encoded.lengths, batch_size, seed, bucket), steps=steps,
-                    lr=lr, evaluate=evaluate, eval_every=eval_every, progress=progress, desc=f"{loss} training")
+    return optimise(policy.model, loss_fn, batch_indices(encoded.lengths, c.batch_size, c.seed, c.bucket),
+                    steps=c.steps, lr=c.lr, evaluate=evaluate, eval_every=eval_every, progress=progress,
+                    desc=f"{c.loss} training")
 
 
 def train_sft(policy: Policy, prompts: Sequence[str], completions: Sequence[str], *, steps: int, batch_size: int,
