@@ -490,6 +490,27 @@ def test_the_ledger_splits_real_model_outcomes_by_the_model_of_each_run(tmp_path
     assert row["models"] == "—"                                   # simulations are about no model
 
 
+def test_the_ledger_compares_verdicts_on_development_and_replication_behaviours(tmp_path, monkeypatch):
+    book(tmp_path, monkeypatch)
+    finished_run(tmp_path / "dev", observed=0.9, n=30)
+    runs.record("cha", "ci-dev", tmp_path / "dev")
+    finished_run(tmp_path / "rep", observed=0.9, n=30, behaviours="replication")
+    runs.record("cha", "ci-rep", tmp_path / "rep")
+    (row,) = ledger.ledger_rows(live=False)
+    (line,) = ledger.split_agreement(row["evidence"])
+    assert "development: {term}`reproduced <reproduced>` (`ci-dev`)" in line and line.endswith("the verdicts agree")
+    finished_run(tmp_path / "rep2", observed=0.1, n=30, behaviours="replication")
+    runs.record("cha", "ci-rep2", tmp_path / "rep2")
+    (row,) = ledger.ledger_rows(live=False)
+    assert ledger.split_agreement(row["evidence"])[0].endswith("**the verdicts disagree**")
+    finished_run(tmp_path / "rep3", observed=0.9, n=4, behaviours="replication")      # underpowered
+    runs.record("cha", "ci-rep3", tmp_path / "rep3")
+    (row,) = ledger.ledger_rows(live=False)
+    assert ledger.split_agreement(row["evidence"])[0].endswith("cannot tell (not every verdict is adequately powered)")
+    assert "On the development behaviours and on the replication behaviours" in ledger.ledger_markdown()
+    assert ledger.behaviour_set({"parameters": {"data_dir": "/x"}}) == "other data"
+
+
 def test_a_prediction_on_synthetic_data_is_reproduced_in_simulation_not_on_a_real_llm(tmp_path, monkeypatch):
     book(tmp_path, monkeypatch, predictions={"rho": {**PREDICTION, "setting": "simulation"}})
     finished_run(tmp_path / "book" / "_executed", "cha", observed=0.9, n=30)

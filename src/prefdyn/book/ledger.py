@@ -151,6 +151,40 @@ def by_model(found: list[dict]) -> str:
                      for model, outcomes in models.items()) or "—"
 
 
+def behaviour_set(run: dict) -> str:
+    """Which persona behaviours a run used: ``development`` (the chapters' defaults), ``replication``
+    (``behaviours="replication"``, the packaged behaviours no default touches) or ``other data``."""
+    p = run.get("parameters") or {}
+    if p.get("behaviours") == "replication":
+        return "replication"
+    if p.get("behaviours") not in (None, "development") or "data_dir" in p:
+        return "other data"
+    return "development"
+
+
+def split_agreement(found: list[dict]) -> list[str]:
+    """Per prediction with current real-model results on both the development and the replication
+    behaviours: the verdicts on each and whether they agree. Only adequately powered verdicts
+    (reproduced, not reproduced) can agree or disagree; otherwise the line says why it cannot tell."""
+    lines = []
+    for pid in dict.fromkeys(e["prediction"] for e in found):
+        sets: dict[str, list[dict]] = {}
+        for e in found:
+            if e["prediction"] == pid and e["setting"] == "real model" and not e["superseded"]:
+                sets.setdefault(behaviour_set(e["run"]), []).append(e)
+        if not {"development", "replication"} <= sets.keys():
+            continue
+        words = {k: {e["outcome"] for e in sets[k]} for k in ("development", "replication")}
+        decided = all(w and w <= {REPRODUCED, NOT_REPRODUCED} for w in words.values())
+        judgement = ("the verdicts agree" if decided and words["development"] == words["replication"] else
+                     "**the verdicts disagree**" if decided else
+                     "cannot tell (not every verdict is adequately powered)")
+        lines.append(f"- `{pid}`: " + "; ".join(
+            f"{k}: " + ", ".join(f"{verdict_term(e['status'])} (`{e['run']['label']}`)" for e in sets[k])
+            for k in ("development", "replication")) + f"; {judgement}")
+    return lines
+
+
 def ledger_rows(chapters: list[str] | None = None, live: bool = True) -> list[dict]:
     """One row per declared claim: paper, chapter, where, what, standing and evidence (from the live
     run of this build too, unless ``live`` is false: then from the recorded runs alone)."""
@@ -283,6 +317,10 @@ def ledger_markdown(chapters: list[str] | None = None) -> str:
             if c.predictions:
                 out += [markdown_table(["prediction", "statistic; rule", "n at ci", "verdict in each run"],
                                        prediction_rows(c, r["evidence"], registries[r["chapter"]])), ""]
+            agreement = split_agreement(r["evidence"])
+            if agreement:
+                out += ["On the development behaviours and on the replication behaviours the book was never "
+                        "developed on:", ""] + agreement + [""]
             later = later_lines(c.id)
             if later:
                 out += ["Later work:", ""] + later + [""]
