@@ -46,6 +46,16 @@ def test_compare_finds_moved_numbers_changed_verdicts_and_missing_rows():
     assert difference_table([]).startswith("Every check and reported value agrees")
 
 
+def test_an_identity_is_held_to_its_result_not_to_its_rounding_residual():
+    residual = run_of()
+    residual["checks"][0]["observed"] = 2.5e-5          # float32 rounding on another processor: still a pass
+    assert compare(run_of(), residual) == []
+    broken = run_of()
+    broken["checks"][0].update(observed=0.5, passed=False, status="fail")
+    assert {(d.row, d.field) for d in compare(run_of(), broken)} == {("check: exact", "passed"),
+                                                                     ("check: exact", "status")}
+
+
 def test_reproduce_parameters_are_the_records_not_todays_defaults():
     record = {"parameters": {"scale": "ci", "model": "gemma3-270m"},
               "defaults": {"seed": "0", "data_dir": "None", "beta": "0.1", "model": '"smollm2-135m"',
