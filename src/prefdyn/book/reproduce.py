@@ -10,13 +10,15 @@ re-recording the reference in the same commit, so the JSON's diff shows the chan
 (:func:`reproduce_parameters`) and prints the same table.
 
 Tolerance (:data:`RTOL`, :data:`ATOL`): integers, booleans, strings and verdicts must be equal;
-floats within ``ATOL + RTOL·|recorded|``. Two executions on one machine give identical numbers (the
-determinism test); across machines the order of floating-point reductions changes with the number
-of threads and the processor's kernels. We measured that variation by executing every chapter at
-``smoke`` with one thread and with two on the 2-core machine the book is built on
-(``benchmarks/reference_tolerance.py``, the largest relative difference of any float in any check or
-reported value, written in ``benchmarks/README.md``) and set the tolerance well above it and far below
-the changes that matter (a moved result): see that page for the numbers.
+floats within ``ATOL + RTOL·|recorded|``; an identity is held to its result, not to its rounding
+residual (:data:`IDENTITY_FIELDS`). Two executions on one machine give identical numbers (the
+determinism test); across machines the processor's kernels change the order of floating-point
+reductions. ``benchmarks/reference_tolerance.py`` measured that by executing every chapter at ``smoke``
+with ATen's AVX2 and generic kernels and MKL's AVX2 and compatible code paths beside this machine's
+AVX-512 ones (numbers in ``benchmarks/README.md``): no verdict, integer or word changed; every float
+that moved moved by at most 1e-4 of its value or by at most 1.5e-4 in absolute terms (chapter 4's
+L-BFGS fits, whose residuals and the small smoke-scale differences built on them move most). The
+tolerance is about ten times both: 1e-3 relative, 1e-3 absolute.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .runs import ChapterError, load_recorded_runs, root
 
 REFERENCE_LABEL = "reference-smoke"
 RTOL = 1e-3
-ATOL = 1e-6
+ATOL = 1e-3
 
 
 @dataclass(frozen=True)
