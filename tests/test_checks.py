@@ -498,7 +498,8 @@ def test_the_ledger_compares_verdicts_on_development_and_replication_behaviours(
     runs.record("cha", "ci-rep", tmp_path / "rep")
     (row,) = ledger.ledger_rows(live=False)
     (line,) = ledger.split_agreement(row["evidence"])
-    assert "development: {term}`reproduced <reproduced>` (`ci-dev`)" in line and line.endswith("the verdicts agree")
+    assert line.startswith("- `rho` (smollm2-135m, ci): development: {term}`reproduced <reproduced>` (`ci-dev`)")
+    assert line.endswith("the verdicts agree")
     finished_run(tmp_path / "rep2", observed=0.1, n=30, behaviours="replication")
     runs.record("cha", "ci-rep2", tmp_path / "rep2")
     (row,) = ledger.ledger_rows(live=False)
@@ -506,9 +507,15 @@ def test_the_ledger_compares_verdicts_on_development_and_replication_behaviours(
     finished_run(tmp_path / "rep3", observed=0.9, n=4, behaviours="replication")      # underpowered
     runs.record("cha", "ci-rep3", tmp_path / "rep3")
     (row,) = ledger.ledger_rows(live=False)
-    assert ledger.split_agreement(row["evidence"])[0].endswith("cannot tell (not every verdict is adequately powered)")
+    assert ledger.split_agreement(row["evidence"])[0].endswith("cannot tell (a verdict is implied or inconclusive, so not evidence)")
     assert "On the development behaviours and on the replication behaviours" in ledger.ledger_markdown()
     assert ledger.behaviour_set({"parameters": {"data_dir": "/x"}}) == "other data"
+    finished_run(tmp_path / "book" / "_executed", observed=0.1, n=30, scale="smoke")     # a live smoke run
+    finished_run(tmp_path / "gem", observed=0.1, n=30, model="gemma3-270m")             # another model
+    runs.record("cha", "ci-gemma", tmp_path / "gem")
+    (row,) = ledger.ledger_rows()
+    (line,) = ledger.split_agreement(row["evidence"])       # neither is compared with the SmolLM2 ci runs
+    assert "`live`" not in line and "ci-gemma" not in line
 
 
 def test_a_prediction_on_synthetic_data_is_reproduced_in_simulation_not_on_a_real_llm(tmp_path, monkeypatch):

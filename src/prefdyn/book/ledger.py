@@ -163,25 +163,29 @@ def behaviour_set(run: dict) -> str:
 
 
 def split_agreement(found: list[dict]) -> list[str]:
-    """Per prediction with current real-model results on both the development and the replication
-    behaviours: the verdicts on each and whether they agree. Only adequately powered verdicts
-    (reproduced, not reproduced) can agree or disagree; otherwise the line says why it cannot tell."""
+    """Per prediction, model and scale with current real-model results of recorded runs on both the
+    development and the replication behaviours: the verdicts on each and whether they agree. Only
+    adequately powered verdicts (reproduced, not reproduced) can agree or disagree; otherwise the
+    line says why it cannot tell. Runs of different models or scales are never compared."""
     lines = []
     for pid in dict.fromkeys(e["prediction"] for e in found):
-        sets: dict[str, list[dict]] = {}
+        sets: dict[tuple, dict[str, list[dict]]] = {}
         for e in found:
-            if e["prediction"] == pid and e["setting"] == "real model" and not e["superseded"]:
-                sets.setdefault(behaviour_set(e["run"]), []).append(e)
-        if not {"development", "replication"} <= sets.keys():
-            continue
-        words = {k: {e["outcome"] for e in sets[k]} for k in ("development", "replication")}
-        decided = all(w and w <= {REPRODUCED, NOT_REPRODUCED} for w in words.values())
-        judgement = ("the verdicts agree" if decided and words["development"] == words["replication"] else
-                     "**the verdicts disagree**" if decided else
-                     "cannot tell (not every verdict is adequately powered)")
-        lines.append(f"- `{pid}`: " + "; ".join(
-            f"{k}: " + ", ".join(f"{verdict_term(e['status'])} (`{e['run']['label']}`)" for e in sets[k])
-            for k in ("development", "replication")) + f"; {judgement}")
+            if e["prediction"] == pid and e["setting"] == "real model" and not e["superseded"] \
+                    and e["run"]["label"] != "live":
+                where = (e["run"].get("model") or "unrecorded model", (e["run"].get("parameters") or {}).get("scale", "?"))
+                sets.setdefault(where, {}).setdefault(behaviour_set(e["run"]), []).append(e)
+        for (model, scale), by in sets.items():
+            if not {"development", "replication"} <= by.keys():
+                continue
+            words = {k: {e["outcome"] for e in by[k]} for k in ("development", "replication")}
+            decided = all(w <= {REPRODUCED, NOT_REPRODUCED} for w in words.values())
+            judgement = ("the verdicts agree" if decided and words["development"] == words["replication"] else
+                         "**the verdicts disagree**" if decided else
+                         "cannot tell (a verdict is implied or inconclusive, so not evidence)")
+            lines.append(f"- `{pid}` ({model}, {scale}): " + "; ".join(
+                f"{k}: " + ", ".join(f"{verdict_term(e['status'])} (`{e['run']['label']}`)" for e in by[k])
+                for k in ("development", "replication")) + f"; {judgement}")
     return lines
 
 
